@@ -1,0 +1,265 @@
+"""Typed configuration for a job and for the endpoint: one YAML file, validated here.
+
+Every model forbids unknown keys (a typo is an error) and each default lives here only;
+YAML and `--set a.b=c` override.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class QuantizationConfig(_Strict):
+    """bitsandbytes settings, as on the LLaVA model cards (transformers backend only)."""
+
+    mode: Literal["none", "4bit", "8bit"] = "none"
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    bnb_4bit_use_double_quant: bool = False
+    # LLaVA users keep the vision tower and projector in full precision.
+    skip_modules: list[str] = Field(default_factory=lambda: ["vision_tower", "multi_modal_projector", "lm_head"])
+
+
+class ModelConfig(_Strict):
+    name: str = Field(description="hub id, local path, or a preset short name (pipeline.families.PRESETS)")
+    family: Literal["auto", "llava", "llava_next"] = "auto"
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    # torch threads in the model actor; None = the actor's CPU request (at least 1).
+    torch_threads: int | None = Field(default=None, ge=1)
+
+
+class GenerationConfig(_Strict):
+    """Sampling settings; temperature 0 means greedy."""
+
+    max_new_tokens: int = Field(default=64, ge=1, le=8192)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class PromptConfig(_Strict):
+    default: str = "Describe this image in one sentence."
+    system: str | None = None
+
+
+class ColumnsConfig(_Strict):
+    """Input column names. Exactly one of image / image_path should exist in the data."""
+
+    id: str = "id"
+    image: str = "image"  # binary: encoded bytes (or a list of them)
+    image_path: str = "image_path"  # string: local path, s3://, http(s):// (or a list of them)
+    prompt: str = "prompt"
+    messages: str = "messages"  # OpenAI-style conversation as a JSON string
+
+
+class StorageConfig(_Strict):
+    """fsspec / pyarrow filesystem options for s3:// (and S3-compatible stores).
+
+    Credentials come from the standard AWS environment variables unless given here; they are
+    never logged or written to output.
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    anonymous: bool = False
+    key: str | None = Field(default=None, repr=False)
+    secret: str | None = Field(default=None, repr=False)
+
+
+class InputConfig(_Strict):
+    path: str | list[str]
+    columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
+    passthrough: list[str] = Field(default_factory=list)
+    duplicate_ids: Literal["error", "keep_first"] = "error"
+
+
+class OutputConfig(_Strict):
+    path: str
+    mode: Literal["resume", "overwrite"] = "resume"
+
+
+class ResourcesConfig(_Strict):
+    """Actor pools. Two-core machines need fractional CPU requests (DESIGN.md 'Two cores')."""
+
+    preprocess_actors: int = Field(default=1, ge=1)
+    preprocess_cpus: float = Field(default=0.5, gt=0)
+    preprocess_batch_size: int = Field(default=16, ge=1)
+    model_actors: int = Field(default=1, ge=1)
+    model_cpus: float = Field(default=0.5, ge=0)
+    num_gpus_per_actor: float = Field(default=0.0, ge=0)
+    model_batch_size: int = Field(default=8, ge=1)
+    # Bounds the rows per Ray Data block, which bounds what a stop can lose (DESIGN.md 'Resume').
+    rows_per_block: int = Field(default=128, ge=1, le=2048)
+    max_restarts: int = Field(default=3, ge=-1)
+    max_task_retries: int = Field(default=3, ge=-1)
+    # Test-only fault hook: the model actor with this 0-based call count raises SystemExit once.
+    fault_kill_after_batches: int | None = Field(default=None, ge=0)
+
+
+class LimitsConfig(_Strict):
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(default=40_000_000, ge=1)
+    max_aspect_ratio: float = Field(default=50.0, ge=1.0)
+    max_images_per_row: int = Field(default=4, ge=1)
+    # None = the model's context length; prompt tokens + max_new_tokens must fit.
+    max_prompt_tokens: int | None = Field(default=None, ge=1)
+
+
+class FetchConfig(_Strict):
+    """http(s) image fetching: a security boundary (see pipeline/images.py)."""
+
+    allow_http: bool = False
+    allowed_domains: list[str] = Field(default_factory=list)  # empty = any public host
+    # Private / loopback / link-local / metadata ranges are refused unless listed here (tests).
+    allowed_private_hosts: list[str] = Field(default_factory=list)
+    timeout_s: float = Field(default=10.0, gt=0)
+    max_redirects: int = Field(default=3, ge=0)
+    retries: int = Field(default=2, ge=0)
+    concurrency: int = Field(default=8, ge=1)
+
+
+class VLLMConfig(_Strict):
+    # One LLaVA-NeXT image can take up to 2928 tokens; leave room for text and the answer.
+    max_model_len: int = Field(default=4096, ge=256)
+    limit_mm_per_prompt: int = Field(default=1, ge=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    enforce_eager: bool = False
+    enable_prefix_caching: bool = True
+    mm_processor_cache_gb: float = Field(default=4.0, ge=0)
+    max_num_seqs: int = Field(default=256, ge=1)
+    load_format: str = "auto"  # "dummy" for benchmarks with random weights
+    batches_in_flight: int = Field(default=2, ge=1)
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=8, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        return self
+
+
+class ServeConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    served_model_name: str | None = None  # default: model.name
+    max_batch_size: int = Field(default=8, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.05, ge=0)
+    num_replicas: int | None = Field(default=None, ge=1)  # fixed count; else autoscaling
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    ingress_replicas: int = Field(default=1, ge=1)
+    ingress_cpus: float = Field(default=0.5, gt=0)
+    max_ongoing_requests: int = Field(default=32, ge=1)
+    max_queued_requests: int = Field(default=64, ge=-1)
+    max_body_bytes: int = Field(default=30 * 1024 * 1024, ge=1)
+    api_key: str | None = Field(default=None, repr=False)
+    api_key_env: str | None = "LLAVA_RAY_API_KEY"
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or (os.environ.get(self.api_key_env) if self.api_key_env else None)
+
+
+class Config(_Strict):
+    """One job or endpoint. `input`/`output` are needed by `run`, not by `serve`."""
+
+    model: ModelConfig
+    backend: Literal["transformers", "vllm"] = "transformers"
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    input: InputConfig | None = None
+    output: OutputConfig | None = None
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    fetch: FetchConfig = Field(default_factory=FetchConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Config":
+        from .checks import check_combinations
+
+        check_combinations(self)
+        return self
+
+
+class ConfigError(ValueError):
+    """A config problem, as one line that names the key."""
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling)"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{loc}: {msg}{more}"
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. generation.max_new_tokens=32")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw else ""
+
+
+def apply_overrides(data: dict, overrides: list[str] | dict[str, Any] | None) -> dict:
+    """Apply dotted overrides (`a.b=c` strings or a {"a.b": value} mapping) to raw config data."""
+    items = (
+        [(k.split("."), v) for k, v in overrides.items()]
+        if isinstance(overrides, dict)
+        else [_parse_override(o) for o in overrides or []]
+    )
+    for path, value in items:
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(path)}: {part!r} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Read YAML (path) or a mapping, apply overrides, validate. Raises ConfigError (one line)."""
+    if isinstance(source, dict):
+        data = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    data = apply_overrides(data, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None

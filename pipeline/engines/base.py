@@ -1,0 +1,72 @@
+"""The engine contract shared by the offline job and the endpoint (no Ray, no I/O).
+
+record -> Preprocessor -> PreparedRequest -> Engine.generate -> Result
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+
+from ..config import GenerationConfig
+
+
+@dataclass
+class PreparedRequest:
+    """What the CPU stage hands the model stage: compact, so it is cheap to move between actors.
+
+    For transformers: `input_ids` already hold one `<image>` token per image feature, and
+    `tiles` are the processor's resized/cropped tiles as uint8 (the model side rescales and
+    normalises). For vLLM: `prompt` and the decoded RGB `images` are what the engine takes.
+    """
+
+    id: Any
+    prompt: str
+    input_ids: np.ndarray  # [L] int32, image tokens expanded
+    image_tokens: int = 0
+    tiles: np.ndarray | None = None  # [total_tiles, 3, H, W] uint8 (all images of the row)
+    tiles_per_image: list[int] = field(default_factory=list)
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) as decoded
+    images: list[np.ndarray] = field(default_factory=list)  # [H, W, 3] uint8, vLLM only
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class Result:
+    id: Any
+    text: str | None
+    finish_reason: str | None  # "stop" | "length" | None on error
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, request_id: Any, error: str, prompt_tokens: int = 0, image_tokens: int = 0) -> "Result":
+        return cls(request_id, None, None, prompt_tokens, image_tokens, 0, error)
+
+
+class Engine(Protocol):
+    """A loaded model. `model_name` and `backend` label every output row."""
+
+    model_name: str
+    backend: str  # e.g. "transformers/float32/sdpa", "vllm/bfloat16"
+
+    def generate(self, requests: list[PreparedRequest], sampling: GenerationConfig) -> list[Result]:
+        """One Result per request, in order. A row's failure is that row's `error`, never a raise."""
+        ...
+
+    def stream(self, request: PreparedRequest, sampling: GenerationConfig) -> Iterator[str]:
+        """Yield text deltas of one request; their concatenation equals `generate`'s text."""
+        ...
+
+
+def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """Cut `text` before the first stop string (OpenAI semantics: the stop is not returned)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

@@ -1,0 +1,174 @@
+"""transformers engine: LLaVA / LLaVA-NeXT with left-padded batched `generate` (no Ray)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Iterator
+
+import numpy as np
+
+from ..config import Config, GenerationConfig
+from ..families import resolve_model_name
+from ..preprocess import load_family, load_processor
+from .base import PreparedRequest, Result, truncate_at_stop
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(cfg: Config) -> str:
+    import torch
+
+    if cfg.model.device != "auto":
+        return cfg.model.device
+    wants_gpu = cfg.resources.num_gpus_per_actor > 0 or cfg.backend == "vllm"
+    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(cfg: Config, device: str) -> str:
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    return "bfloat16" if device == "cuda" else "float32"
+
+
+class HFEngine:
+    """Loads the checkpoint once; `generate` runs a batch, falling back to rows on a batch error."""
+
+    def __init__(self, cfg: Config):
+        import torch
+        import transformers
+
+        self.cfg = cfg
+        self.family = load_family(cfg)
+        self.device = resolve_device(cfg)
+        self.dtype = resolve_dtype(cfg, self.device)
+        threads = cfg.model.torch_threads or max(1, int(cfg.resources.model_cpus))
+        if self.device == "cpu":
+            torch.set_num_threads(threads)
+        self.processor = load_processor(cfg)
+        self.tokenizer = self.processor.tokenizer
+        model_cls = getattr(transformers, self.family.model_class)
+        self.model = model_cls.from_pretrained(
+            resolve_model_name(cfg.model.name),
+            revision=cfg.model.revision,
+            dtype=getattr(torch, self.dtype),
+            attn_implementation=cfg.model.attn_implementation,
+        ).to(self.device)
+        self.model.eval()
+        ip = self.processor.image_processor
+        shape = (1, 3, 1, 1)
+        self._mean = torch.tensor(ip.image_mean, dtype=torch.float32, device=self.device).view(shape)
+        self._std = torch.tensor(ip.image_std, dtype=torch.float32, device=self.device).view(shape)
+        self._rescale = float(ip.rescale_factor)
+        self.eos_ids = set(np.atleast_1d(self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id).tolist())
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.model_name = cfg.model.name
+        self.backend = f"transformers/{self.dtype}/{cfg.model.attn_implementation}"
+        self._lock = threading.Lock()  # one generate at a time per model (Serve runs handlers concurrently)
+        logger.info("loaded %s (%s) on %s as %s", self.model_name, self.family.name, self.device, self.backend)
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def pixel_values(self, requests: list[PreparedRequest]):
+        """uint8 tiles -> normalised float pixel_values on the model's device, as the processor would.
+
+        LLaVA: [n_images, 3, H, W]; NeXT: [n_images, max_tiles, 3, H, W] zero-padded (the model
+        unpads by image_sizes).
+        """
+        import torch
+
+        per_image = []
+        for r in requests:
+            start = 0
+            for n in r.tiles_per_image:
+                per_image.append(r.tiles[start : start + n])
+                start += n
+        tiles = torch.from_numpy(np.concatenate([t for t in per_image])).to(self.device)
+        normed = ((tiles.float() * self._rescale - self._mean) / self._std).to(getattr(torch, self.dtype))
+        if self.family.name != "llava_next":
+            return normed, None
+        max_tiles = max(t.shape[0] for t in per_image)
+        out = normed.new_zeros((len(per_image), max_tiles, *normed.shape[1:]))
+        start = 0
+        for i, t in enumerate(per_image):
+            out[i, : t.shape[0]] = normed[start : start + t.shape[0]]
+            start += t.shape[0]
+        sizes = torch.tensor([s for r in requests for s in r.image_sizes], dtype=torch.long, device=self.device)
+        return out, sizes
+
+    def _batch_inputs(self, requests: list[PreparedRequest]) -> dict:
+        import torch
+
+        longest = max(r.prompt_tokens for r in requests)
+        ids = torch.full((len(requests), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), longest), dtype=torch.long)
+        for i, r in enumerate(requests):  # left padding: generation continues from the last column
+            ids[i, longest - r.prompt_tokens :] = torch.from_numpy(r.input_ids.astype(np.int64))
+            mask[i, longest - r.prompt_tokens :] = 1
+        pixel_values, image_sizes = self.pixel_values(requests)
+        inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device), "pixel_values": pixel_values}
+        if image_sizes is not None:
+            inputs["image_sizes"] = image_sizes
+        return inputs
+
+    def _generate_kwargs(self, sampling: GenerationConfig) -> dict:
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=self.pad_id, do_sample=not sampling.greedy)
+        if sampling.greedy:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=None)
+        if sampling.stop:
+            kwargs.update(stop_strings=sampling.stop, tokenizer=self.tokenizer)
+        return kwargs
+
+    # -- generation -----------------------------------------------------------------------------
+    def generate(self, requests: list[PreparedRequest], sampling: GenerationConfig) -> list[Result]:
+        if not requests:
+            return []
+        try:
+            return self._generate_batch(requests, sampling)
+        except Exception as e:
+            if len(requests) == 1:
+                r = requests[0]
+                logger.warning("row %r failed in the engine: %s", r.id, e)
+                return [Result.failed(r.id, f"engine: {type(e).__name__}: {e}", r.prompt_tokens, r.image_tokens)]
+            # One bad row (or a batch too big for memory) must not fail the others: retry row by row.
+            logger.warning("batch of %d failed (%s: %s); retrying row by row", len(requests), type(e).__name__, e)
+            return [res for r in requests for res in self.generate([r], sampling)]
+
+    def _generate_batch(self, requests: list[PreparedRequest], sampling: GenerationConfig) -> list[Result]:
+        import torch
+
+        inputs = self._batch_inputs(requests)
+        with self._lock, torch.inference_mode():
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            out = self.model.generate(**inputs, **self._generate_kwargs(sampling))
+        new_tokens = out[:, inputs["input_ids"].shape[1] :].cpu().numpy()
+        return [self._result(r, row, sampling) for r, row in zip(requests, new_tokens)]
+
+    def _result(self, request: PreparedRequest, tokens: np.ndarray, sampling: GenerationConfig) -> Result:
+        ends = [i for i, t in enumerate(tokens.tolist()) if t in self.eos_ids]
+        n = ends[0] + 1 if ends else len(tokens)
+        text = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
+        text, stopped = truncate_at_stop(text, sampling.stop)
+        finish = "stop" if ends or stopped else "length"
+        return Result(request.id, text, finish, request.prompt_tokens, request.image_tokens, n)
+
+    def stream(self, request: PreparedRequest, sampling: GenerationConfig) -> Iterator[str]:
+        """Text deltas of one request, produced by a generate thread through a streamer."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        inputs = self._batch_inputs([request])
+
+        def run():
+            with self._lock, torch.inference_mode():
+                if sampling.seed is not None:
+                    torch.manual_seed(sampling.seed)
+                self.model.generate(**inputs, **self._generate_kwargs(sampling), streamer=streamer)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()

@@ -1,0 +1,162 @@
+"""Image bytes -> checked RGB PIL image. Errors are `ImageError`s whose message names the cause.
+
+Sources: raw bytes, a local path, `s3://` (fsspec/s3fs), `data:` URIs (online), and `http(s)://`
+through the guarded fetcher in `pipeline.fetch` (a security boundary; off unless enabled).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+import warnings
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .config import FetchConfig, LimitsConfig, StorageConfig
+
+logger = logging.getLogger(__name__)
+
+# We check pixel counts ourselves (limits.max_pixels) before decoding; PIL's own bomb guard
+# would otherwise raise or warn with its global default first.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageError(ValueError):
+    """A bad image; str() is the row's `error` ("image: ...")."""
+
+    def __init__(self, message: str):
+        super().__init__(f"image: {message}")
+
+
+def storage_options(storage: StorageConfig) -> dict[str, Any]:
+    """s3fs options from the config; credentials absent here come from the AWS environment."""
+    opts: dict[str, Any] = {"anon": storage.anonymous}
+    if storage.key and storage.secret:
+        opts.update(key=storage.key, secret=storage.secret)
+    client: dict[str, Any] = {}
+    if storage.endpoint_url:
+        client["endpoint_url"] = storage.endpoint_url
+    if storage.region:
+        client["region_name"] = storage.region
+    if client:
+        opts["client_kwargs"] = client
+    return opts
+
+
+def _read_capped(f, max_bytes: int, what: str) -> bytes:
+    data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageError(f"{what} is larger than limits.max_image_bytes={max_bytes}")
+    return data
+
+
+def load_bytes(
+    source: bytes | str,
+    limits: LimitsConfig,
+    fetch: FetchConfig,
+    storage: StorageConfig,
+    *,
+    local_ok: bool = True,
+) -> bytes:
+    """Return the encoded bytes of one image source, capped at limits.max_image_bytes.
+
+    `local_ok=False` (the online endpoint) accepts only data: and http(s):// URLs, so a client
+    cannot make the server read its own files or buckets.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if len(data) > limits.max_image_bytes:
+            raise ImageError(f"{len(data)} bytes exceeds limits.max_image_bytes={limits.max_image_bytes}")
+        return data
+    if not isinstance(source, str) or not source:
+        raise ImageError(f"no image: expected bytes or a path/URL, got {type(source).__name__}")
+    scheme = source.split(":", 1)[0].lower() if "://" in source or source.startswith("data:") else ""
+    if scheme == "data":
+        return _decode_data_uri(source, limits)
+    if scheme in ("http", "https"):
+        from .fetch import fetch_url
+
+        return fetch_url(source, fetch, limits.max_image_bytes)
+    if not local_ok:
+        raise ImageError(f"only data: and http(s):// image URLs are accepted, got {source[:80]!r}")
+    if scheme in ("s3", "s3a", "gs", "gcs", "az", "abfs") or scheme == "":
+        import fsspec
+
+        opts = storage_options(storage) if scheme.startswith("s3") else {}
+        try:
+            with fsspec.open(source, "rb", **opts) as f:
+                return _read_capped(f, limits.max_image_bytes, source)
+        except FileNotFoundError:
+            raise ImageError(f"not found: {source}") from None
+        except (PermissionError, IsADirectoryError, OSError) as e:
+            raise ImageError(f"cannot read {source}: {type(e).__name__}: {e}") from None
+    raise ImageError(f"unsupported URL scheme {scheme!r} in {source[:80]!r}; use a path, s3://, http(s):// or data:")
+
+
+def _decode_data_uri(uri: str, limits: LimitsConfig) -> bytes:
+    header, _, payload = uri.partition(",")
+    if ";base64" not in header:
+        raise ImageError("data: URI must be base64-encoded (data:image/png;base64,...)")
+    # base64 is 4/3 of the raw size: refuse before decoding anything oversized.
+    if len(payload) * 3 // 4 > limits.max_image_bytes:
+        raise ImageError(f"data: URI exceeds limits.max_image_bytes={limits.max_image_bytes}")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("invalid base64 in data: URI") from None
+
+
+def decode_image(data: bytes, limits: LimitsConfig) -> Image.Image:
+    """Decode and check one image; return it upright (EXIF) in RGB, first frame of animations."""
+    if not data:
+        raise ImageError("empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError("cannot identify image file") from None
+    except Exception as e:  # PIL raises a zoo of errors on malformed headers
+        raise ImageError(f"cannot open image: {type(e).__name__}: {e}") from None
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ImageError(f"{w}x{h} has no pixels")
+    if w * h > limits.max_pixels:
+        raise ImageError(f"{w}x{h} exceeds limits.max_pixels={limits.max_pixels}")
+    if max(w, h) / min(w, h) > limits.max_aspect_ratio:
+        raise ImageError(f"{w}x{h} aspect ratio exceeds limits.max_aspect_ratio={limits.max_aspect_ratio:g}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # palette-with-transparency etc. are handled below
+            img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except Exception as e:
+        raise ImageError(f"truncated or corrupt {img.format or ''} data: {type(e).__name__}: {e}".replace("  ", " ")) from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale to 8 bits instead of clipping everything to white.
+        arr = np.asarray(img, dtype=np.float64)
+        top = max(float(arr.max()), 1.0)
+        img = Image.fromarray((arr * (255.0 / top)).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def load_image(
+    source: bytes | str,
+    limits: LimitsConfig,
+    fetch: FetchConfig,
+    storage: StorageConfig,
+    *,
+    local_ok: bool = True,
+) -> Image.Image:
+    return decode_image(load_bytes(source, limits, fetch, storage, local_ok=local_ok), limits)

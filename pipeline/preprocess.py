@@ -1,0 +1,196 @@
+"""Preprocessor: record -> PreparedRequest, the CPU half shared by the job and the endpoint.
+
+Plain class, no Ray: decode and check images, build the conversation, apply the checkpoint's
+own chat template, tokenise with image-token expansion, and keep AnyRes tiles as uint8 (the
+model side rescales and normalises, so 4x fewer bytes cross the object store).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from .config import ColumnsConfig, Config
+from .engines.base import PreparedRequest
+from .families import FamilySpec, detect_family, family_spec, resolve_model_name
+from .images import ImageError, load_image
+
+logger = logging.getLogger(__name__)
+
+
+class RowError(ValueError):
+    """A problem with one row's text or structure; str() is that row's `error`."""
+
+
+class Record(BaseModel):
+    """One input: an id, its images (bytes or path/URL strings), and a prompt or a conversation."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    id: Any
+    images: list[bytes | str] = []
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | str | None = None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], columns: ColumnsConfig) -> "Record":
+        images = row.get(columns.image)
+        if images is None:
+            images = row.get(columns.image_path)
+        if images is None:
+            images = []
+        elif isinstance(images, (bytes, str)):
+            images = [images]
+        return cls(
+            id=row.get(columns.id),
+            images=list(images),
+            prompt=row.get(columns.prompt),
+            messages=row.get(columns.messages),
+        )
+
+
+def load_family(cfg: Config) -> FamilySpec:
+    return detect_family(cfg.model.name, cfg.model.revision) if cfg.model.family == "auto" else family_spec(cfg.model.family)
+
+
+def load_processor(cfg: Config):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(resolve_model_name(cfg.model.name), revision=cfg.model.revision)
+
+
+def _text_part(part: dict[str, Any]) -> dict[str, Any]:
+    text = part.get("text")
+    if not isinstance(text, str):
+        raise RowError("messages: a 'text' part needs a string 'text'")
+    return {"type": "text", "text": text}
+
+
+def build_conversation(record: Record, system: str | None, default_prompt: str) -> tuple[list[dict], list]:
+    """OpenAI-style input -> (HF chat-template messages, image sources in placeholder order).
+
+    `image_url` parts carry their own source; bare `image` parts take the row's images in order.
+    """
+    if record.messages is None:
+        content = [{"type": "image"} for _ in record.images]
+        content.append({"type": "text", "text": record.prompt if record.prompt is not None else default_prompt})
+        messages, sources = [{"role": "user", "content": content}], list(record.images)
+    else:
+        raw = record.messages
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise RowError(f"messages: not valid JSON ({e.msg} at char {e.pos})") from None
+        if not isinstance(raw, list) or not raw:
+            raise RowError("messages: expected a non-empty list of {role, content} objects")
+        row_images = iter(record.images)
+        messages, sources = [], []
+        for i, msg in enumerate(raw):
+            if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
+                raise RowError(f"messages[{i}]: needs a role of system, user or assistant")
+            content = msg.get("content")
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            if not isinstance(parts, list):
+                raise RowError(f"messages[{i}].content: expected a string or a list of parts")
+            converted = []
+            for part in parts:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    converted.append(_text_part(part))
+                elif kind == "image_url":
+                    url = part.get("image_url")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    if not isinstance(url, str) or not url:
+                        raise RowError(f"messages[{i}]: an 'image_url' part needs image_url.url")
+                    converted.append({"type": "image"})
+                    sources.append(url)
+                elif kind == "image":
+                    source = next(row_images, None)
+                    if source is None:
+                        raise RowError(f"messages[{i}]: more 'image' parts than the row has images")
+                    converted.append({"type": "image"})
+                    sources.append(source)
+                else:
+                    raise RowError(f"messages[{i}]: unsupported part type {kind!r}; use text, image_url or image")
+            messages.append({"role": msg["role"], "content": converted})
+    if system and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+    return messages, sources
+
+
+class Preprocessor:
+    """record -> PreparedRequest for one checkpoint. `local_ok=False` for the online endpoint."""
+
+    def __init__(self, cfg: Config, *, local_ok: bool = True, processor=None):
+        from transformers import AutoConfig
+
+        self.cfg = cfg
+        self.local_ok = local_ok
+        self.family = load_family(cfg)
+        self.processor = processor or load_processor(cfg)
+        model_config = AutoConfig.from_pretrained(resolve_model_name(cfg.model.name), revision=cfg.model.revision)
+        self.context_len = model_config.text_config.max_position_embeddings
+        self.image_token_id = model_config.image_token_index
+        self.max_images = min(self.family.max_images_per_prompt, cfg.limits.max_images_per_row)
+
+    def prepare(self, record: Record, max_new_tokens: int | None = None) -> PreparedRequest:
+        """Raise ImageError / RowError (message = the row's error) on bad input."""
+        cfg = self.cfg
+        messages, sources = build_conversation(record, cfg.prompt.system, cfg.prompt.default)
+        if not sources:
+            raise ImageError("the row has no image")
+        if len(sources) > self.max_images:
+            raise ImageError(
+                f"{len(sources)} images in one row; {self.family.name} takes at most {self.max_images} "
+                f"(limits.max_images_per_row={cfg.limits.max_images_per_row})"
+            )
+        images = [load_image(s, cfg.limits, cfg.fetch, cfg.storage, local_ok=self.local_ok) for s in sources]
+        try:
+            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # the template's own raise_exception (e.g. an unsupported role order)
+            raise RowError(f"messages: the chat template rejected the conversation: {e}") from None
+        request = self._encode(record.id, prompt, images)
+        self._check_length(request, max_new_tokens or cfg.generation.max_new_tokens)
+        return request
+
+    def _encode(self, request_id: Any, prompt: str, images: list) -> PreparedRequest:
+        # do_rescale/do_normalize off: the processor returns resized, cropped, tiled uint8.
+        enc = self.processor(images=images, text=prompt, return_tensors="np", do_rescale=False, do_normalize=False)
+        input_ids = enc["input_ids"][0].astype(np.int32)
+        pixels = enc["pixel_values"]
+        sizes = [(im.height, im.width) for im in images]
+        if pixels.ndim == 5:  # AnyRes: [n_images, max_tiles, 3, H, W], padded to the row's max
+            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+            ip = self.processor.image_processor
+            counts = [
+                image_size_to_num_patches(s, ip.image_grid_pinpoints, ip.crop_size["height"]) for s in sizes
+            ]
+            tiles = np.concatenate([pixels[i, :n] for i, n in enumerate(counts)])
+        else:  # [n_images, 3, H, W]
+            counts, tiles = [1] * len(images), pixels
+        return PreparedRequest(
+            id=request_id,
+            prompt=prompt,
+            input_ids=input_ids,
+            image_tokens=int((input_ids == self.image_token_id).sum()),
+            tiles=np.ascontiguousarray(tiles, dtype=np.uint8),  # tiles: [total, 3, 336, 336] uint8
+            tiles_per_image=counts,
+            image_sizes=sizes,
+        )
+
+    def _check_length(self, request: PreparedRequest, max_new_tokens: int) -> None:
+        n = request.prompt_tokens
+        limit = self.cfg.limits.max_prompt_tokens
+        if limit is not None and n > limit:
+            raise RowError(f"prompt: {n} tokens ({request.image_tokens} for images) exceeds limits.max_prompt_tokens={limit}")
+        if n + max_new_tokens > self.context_len:
+            raise RowError(
+                f"prompt: {n} tokens ({request.image_tokens} for images) + max_new_tokens {max_new_tokens} "
+                f"exceeds the model's context of {self.context_len} tokens"
+            )
