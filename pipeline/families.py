@@ -42,7 +42,12 @@ def family_spec(name: str) -> FamilySpec:
 
 
 def resolve_model_name(name: str) -> str:
-    """A preset short name -> its hub id; anything else (hub id, local path) unchanged."""
+    """A preset short name -> its hub id; `tiny-llava[-next]` -> the cached tiny checkpoint's
+    path; anything else (hub id, local path) unchanged."""
+    from .tiny import TINY_NAMES, ensure_tiny
+
+    if name in TINY_NAMES:
+        return str(ensure_tiny(name))
     return PRESETS.get(name, name)
 
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from .families import family_spec
@@ -183,3 +186,28 @@ def build_tiny_checkpoint(
     (out / "tiny.json").write_text(json.dumps({"family": spec.name, "text_hidden": text_hidden, "seed": seed}))
     logger.info("wrote tiny %s checkpoint to %s", spec.name, out)
     return out
+
+
+# `model.name: tiny-llava` (or tiny-llava-next) in a config: built once into the cache, so the
+# demo and the tiny serve config work from a fresh clone without a separate build step.
+TINY_NAMES = {"tiny-llava": "llava", "tiny-llava-next": "llava_next"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLAVA_RAY_CACHE", Path.home() / ".cache" / "llava-ray"))
+
+
+def ensure_tiny(name: str) -> Path:
+    """Path of the cached tiny checkpoint `name`, building it first if needed (atomic rename,
+    so concurrent actors never see a half-written checkpoint)."""
+    target = cache_dir() / name
+    if (target / "tiny.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    build_tiny_checkpoint(tmp, TINY_NAMES[name])
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race; its checkpoint is identical (same seed)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,126 @@
+"""`llava-ray run|serve|demo|tiny-model|check-config`: the user-facing output lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import Config, ConfigError, load_config
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llava-ray", description="LLaVA / LLaVA-NeXT on Ray: offline jobs and an endpoint")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("config", help="job / serve YAML (see configs/)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. generation.max_new_tokens=32")
+        return sp
+
+    run = with_config("run", "run an offline job")
+    run.add_argument("--retry-failed", action="store_true", help="re-run rows whose output has an error")
+    with_config("serve", "serve the OpenAI-compatible endpoint on local Ray")
+    with_config("check-config", "validate a config (and this machine) without running")
+    demo = sub.add_parser("demo", help="tiny model + real photos, end to end on local Ray")
+    demo.add_argument("--config", default="configs/demo.yaml")
+    tiny = sub.add_parser("tiny-model", help="build a tiny random LLaVA / LLaVA-NeXT checkpoint")
+    tiny.add_argument("dir")
+    tiny.add_argument("--family", choices=["llava", "llava-next"], default="llava")
+    tiny.add_argument("--hidden", type=int, default=64, help="text/vision width (multiples of 64 for bitsandbytes)")
+    tiny.add_argument("--layers", type=int, default=2)
+    return p
+
+
+def _load(args) -> Config:
+    from .checks import check_environment
+
+    cfg = load_config(args.config, args.set)
+    try:
+        check_environment(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return cfg
+
+
+def print_summary(summary) -> None:
+    s = summary
+    print(
+        f"rows ok: {s.rows_ok}  rows failed: {s.rows_failed}  (total {s.rows_total}, processed this run {s.rows_processed}"
+        + (f", dropped duplicates {s.dropped_duplicates}" if s.dropped_duplicates else "")
+        + ")"
+    )
+    print(f"{s.records_per_s:.2f} rec/s, {s.tokens_per_s:.1f} generated tokens/s in {s.seconds:.1f} s")
+    print(f"output: {s.output_path}")
+
+
+def print_rows(cfg: Config) -> None:
+    from .storage import output_rows
+
+    table = output_rows(cfg.output.path, cfg.storage, [cfg.input.columns.id, "text", "error"])
+    rows = sorted(table.to_pylist(), key=lambda r: str(r[cfg.input.columns.id]))
+    print(f"{'id':<20} {'text':<50} error")
+    for r in rows:
+        text = (r["text"] or "").replace("\n", " ")
+        print(f"{str(r[cfg.input.columns.id]):<20} {text[:50]:<50} {r['error'] or ''}")
+
+
+def _run(args) -> int:
+    from .job import run_job
+
+    cfg = _load(args)
+    print_summary(run_job(cfg, retry_failed=args.retry_failed))
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import write_demo_input
+    from .job import run_job
+
+    cfg = load_config(args.config)
+    write_demo_input(cfg.input.path)
+    summary = run_job(cfg)
+    print_rows(cfg)
+    print_summary(summary)
+    return 0
+
+
+def _serve(args) -> int:
+    from deployments.app import serve_local
+
+    serve_local(_load(args))
+    return 0
+
+
+def _check(args) -> int:
+    cfg = _load(args)
+    print(f"ok: {args.config} ({cfg.backend}, model {cfg.model.name})")
+    return 0
+
+
+def _tiny(args) -> int:
+    from .tiny import build_tiny_checkpoint
+
+    out = build_tiny_checkpoint(args.dir, args.family.replace("-", "_"), text_hidden=args.hidden, vision_hidden=args.hidden, layers=args.layers)
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"run": _run, "serve": _serve, "demo": _demo, "tiny-model": _tiny, "check-config": _check}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

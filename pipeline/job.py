@@ -1,0 +1,151 @@
+"""The offline job: build the Dataset from a Config, run it, resume, summarise."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pyarrow.compute as pc
+from pydantic import BaseModel
+
+from .config import Config
+from .stages import (
+    DropRepeatedIds,
+    GenerateStage,
+    PreprocessStage,
+    drop_repeated_kwargs,
+    generate_kwargs,
+    preprocess_kwargs,
+)
+from .storage import arrow_fs, input_files, output_rows, parquet_dataset, remove_tree
+
+logger = logging.getLogger(__name__)
+
+
+class JobError(ValueError):
+    """The job cannot start (bad input layout, duplicate ids, ...): one line naming the cause."""
+
+
+class JobSummary(BaseModel):
+    output_path: str
+    rows_total: int  # rows in the output (all runs)
+    rows_ok: int
+    rows_failed: int
+    rows_processed: int  # by this run
+    seconds: float
+    records_per_s: float
+    generated_tokens: int  # by this run
+    tokens_per_s: float
+    dropped_duplicates: int = 0
+
+
+def checkpoint_path(cfg: Config) -> str:
+    """Beside the output, not inside it, so readers of the output never see checkpoint files."""
+    return cfg.output.path.rstrip("/") + ".checkpoint"
+
+
+def _check_input(cfg: Config, ds) -> list[str]:
+    """Fail before any work when the input cannot produce rows; return the columns to read."""
+    cols = cfg.input.columns
+    names = set(ds.schema.names)
+    if cols.id not in names:
+        raise JobError(f"input: id column {cols.id!r} not found; columns are {sorted(names)} (input.columns.id)")
+    if cols.image not in names and cols.image_path not in names and cols.messages not in names:
+        raise JobError(
+            f"input: no image column: expected {cols.image!r} (bytes) or {cols.image_path!r} (path/URL); "
+            f"columns are {sorted(names)} (input.columns.image / image_path)"
+        )
+    missing = [c for c in cfg.input.passthrough if c not in names]
+    if missing:
+        raise JobError(f"input.passthrough: columns {missing} not in the input; columns are {sorted(names)}")
+    wanted = [cols.id, cols.image, cols.image_path, cols.prompt, cols.messages, *cfg.input.passthrough]
+    return [c for c in dict.fromkeys(wanted) if c in names]
+
+
+def _duplicates(cfg: Config, ds) -> tuple[int, list]:
+    """(rows that repeat an earlier id, the ids that repeat); raises unless keep_first."""
+    ids = ds.to_table(columns=[cfg.input.columns.id]).column(0)
+    dropped = len(ids) - pc.count_distinct(ids, mode="all").as_py()
+    if not dropped:
+        return 0, []
+    counts = pc.value_counts(ids).to_pylist()
+    repeated = [v["values"] for v in counts if v["counts"] > 1]
+    if cfg.input.duplicate_ids == "error":
+        raise JobError(
+            f"input: {dropped} rows repeat an id ({len(repeated)} ids, e.g. {repeated[0]!r}); ids must be unique "
+            "for exactly-once output and resume. Fix the input, or set input.duplicate_ids=keep_first"
+        )
+    logger.warning("input: dropping %d rows whose id appeared earlier (input.duplicate_ids=keep_first)", dropped)
+    return dropped, repeated
+
+
+def build_dataset(cfg: Config, columns: list[str], files: list[str], fs, repeated: list):
+    import ray
+
+    ds = ray.data.read_parquet(files, filesystem=fs, columns=columns)
+    if repeated:
+        ds = ds.map_batches(DropRepeatedIds, **drop_repeated_kwargs(cfg, repeated))
+    # Small blocks bound what a stop loses: output and checkpoints are committed per block.
+    ds = ds.repartition(target_num_rows_per_block=cfg.resources.rows_per_block)
+    ds = ds.map_batches(PreprocessStage, **preprocess_kwargs(cfg))
+    return ds.map_batches(GenerateStage, **generate_kwargs(cfg))
+
+
+def run_job(cfg: Config, *, retry_failed: bool = False) -> JobSummary:
+    import ray
+    from ray.data import DataContext
+    from ray.data.checkpoint import CheckpointConfig
+
+    from .checks import check_environment
+
+    if cfg.input is None or cfg.output is None:
+        raise JobError("a job needs `input` and `output` sections (input.path, output.path)")
+    check_environment(cfg)
+    fs, files = input_files(cfg.input.path, cfg.storage)
+    source = parquet_dataset(files, fs)
+    columns = _check_input(cfg, source)
+    dropped, repeated = _duplicates(cfg, source)
+
+    if cfg.output.mode == "overwrite":
+        remove_tree(cfg.output.path, cfg.storage)
+        remove_tree(checkpoint_path(cfg), cfg.storage)
+    before = output_rows(cfg.output.path, cfg.storage, ["error"]).num_rows
+
+    if not ray.is_initialized():
+        ray.init(configure_logging=False)
+    ctx = DataContext.get_current()
+    ckpt_fs, ckpt_path = arrow_fs(checkpoint_path(cfg), cfg.storage)
+    ctx.checkpoint_config = CheckpointConfig(
+        id_column=cfg.input.columns.id,
+        checkpoint_path=ckpt_path,
+        override_filesystem=ckpt_fs,
+        delete_checkpoint_on_success=False,  # a finished job re-run must process nothing
+    )
+    out_fs, out_path = arrow_fs(cfg.output.path, cfg.storage)
+    start = time.perf_counter()
+    try:
+        build_dataset(cfg, columns, files, fs, repeated).write_parquet(out_path, filesystem=out_fs)
+    finally:
+        ctx.checkpoint_config = None
+    seconds = time.perf_counter() - start
+    return summarize(cfg, before, seconds, dropped)
+
+
+def summarize(cfg: Config, rows_before: int, seconds: float, dropped: int) -> JobSummary:
+    table = output_rows(cfg.output.path, cfg.storage, ["error", "completion_tokens"])
+    total = table.num_rows
+    failed = total - pc.sum(pc.is_null(table.column("error")).cast("int64")).as_py() if total else 0
+    processed = total - rows_before
+    tokens_all = pc.sum(table.column("completion_tokens")).as_py() or 0 if total else 0
+    return JobSummary(
+        output_path=cfg.output.path,
+        rows_total=total,
+        rows_ok=total - failed,
+        rows_failed=failed,
+        rows_processed=processed,
+        seconds=round(seconds, 3),
+        records_per_s=round(processed / seconds, 3) if seconds else 0.0,
+        generated_tokens=int(tokens_all),
+        tokens_per_s=round(tokens_all / seconds, 3) if seconds else 0.0,
+        dropped_duplicates=dropped,
+    )

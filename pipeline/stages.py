@@ -1,0 +1,199 @@
+"""Ray Data wiring: the actor classes around Preprocessor and Engine, and their map_batches kwargs.
+
+Between the stages a row is compact Arrow: token ids as int32 bytes and tiles as uint8 bytes
+(DESIGN.md 'Between stages'). Every input row leaves each stage exactly once; a bad row carries
+its `error` through the model stage untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .config import Config
+from .engines.base import PreparedRequest, Result
+
+logger = logging.getLogger(__name__)
+
+PREPARED_FIELDS = [
+    pa.field("_prompt", pa.string()),
+    pa.field("_input_ids", pa.large_binary()),  # int32
+    pa.field("_image_tokens", pa.int32()),
+    pa.field("_tiles", pa.large_binary()),  # uint8 [total_tiles, 3, H, W]
+    pa.field("_tiles_shape", pa.list_(pa.int32())),
+    pa.field("_tiles_per_image", pa.list_(pa.int32())),
+    pa.field("_image_sizes", pa.list_(pa.int32())),  # h0, w0, h1, w1, ...
+    pa.field("_images", pa.list_(pa.large_binary())),  # vLLM: uint8 [H, W, 3] each
+    pa.field("error", pa.string()),
+]
+
+RESULT_FIELDS = [
+    pa.field("text", pa.string()),
+    pa.field("finish_reason", pa.string()),
+    pa.field("prompt_tokens", pa.int32()),
+    pa.field("image_tokens", pa.int32()),
+    pa.field("completion_tokens", pa.int32()),
+    pa.field("model", pa.string()),
+    pa.field("backend", pa.string()),
+    pa.field("error", pa.string()),
+]
+
+
+def _keep(cfg: Config) -> list[str]:
+    """Columns carried from input to output: the id and the configured passthrough columns."""
+    return [cfg.input.columns.id, *cfg.input.passthrough]
+
+
+def prepared_to_row(req: PreparedRequest) -> dict[str, Any]:
+    tiles = req.tiles if req.tiles is not None else np.zeros((0,), np.uint8)
+    return {
+        "_prompt": req.prompt,
+        "_input_ids": req.input_ids.astype(np.int32).tobytes(),
+        "_image_tokens": req.image_tokens,
+        "_tiles": tiles.tobytes(),
+        "_tiles_shape": list(tiles.shape),
+        "_tiles_per_image": req.tiles_per_image,
+        "_image_sizes": [v for hw in req.image_sizes for v in hw],
+        "_images": [im.tobytes() for im in req.images],
+        "error": None,
+    }
+
+
+def row_to_prepared(row: dict[str, Any], request_id: Any) -> PreparedRequest:
+    sizes = row["_image_sizes"]
+    image_sizes = [(sizes[i], sizes[i + 1]) for i in range(0, len(sizes), 2)]
+    shape = row["_tiles_shape"]
+    tiles = np.frombuffer(row["_tiles"], np.uint8).reshape(shape) if shape and shape[0] else None
+    images = [np.frombuffer(b, np.uint8).reshape(h, w, 3) for b, (h, w) in zip(row["_images"], image_sizes)]
+    return PreparedRequest(
+        id=request_id,
+        prompt=row["_prompt"],
+        input_ids=np.frombuffer(row["_input_ids"], np.int32),
+        image_tokens=row["_image_tokens"],
+        tiles=tiles,
+        tiles_per_image=list(row["_tiles_per_image"]),
+        image_sizes=image_sizes,
+        images=images,
+    )
+
+
+class PreprocessStage:
+    """CPU actor: input rows -> prepared rows (or rows with `error`)."""
+
+    def __init__(self, config: dict):
+        from .preprocess import Preprocessor
+
+        self.cfg = Config.model_validate(config)
+        self.pre = Preprocessor(self.cfg)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from .preprocess import Record
+
+        columns = self.cfg.input.columns
+        keep = _keep(self.cfg)
+        out = []
+        for row in batch.to_pylist():
+            try:
+                prepared = prepared_to_row(self.pre.prepare(Record.from_row(row, columns)))
+            except ValueError as e:  # ImageError / RowError / pydantic: the row's own fault
+                prepared = {f.name: None for f in PREPARED_FIELDS} | {"error": str(e)}
+            except Exception as e:  # anything else is still this row's error, never the batch's
+                logger.exception("preprocessing row %r failed", row.get(columns.id))
+                prepared = {f.name: None for f in PREPARED_FIELDS} | {"error": f"preprocess: {type(e).__name__}: {e}"}
+            out.append({k: row.get(k) for k in keep} | prepared)
+        schema = pa.schema([batch.schema.field(k) for k in keep] + PREPARED_FIELDS)
+        return pa.Table.from_pylist(out, schema=schema)
+
+
+class GenerateStage:
+    """Model actor: prepared rows -> result rows, one per input row, in order."""
+
+    def __init__(self, config: dict):
+        from .engines import make_engine
+
+        self.cfg = Config.model_validate(config)
+        self.engine = make_engine(self.cfg)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        id_col = self.cfg.input.columns.id
+        keep = _keep(self.cfg)
+        rows = batch.to_pylist()
+        todo = [(i, row_to_prepared(r, r[id_col])) for i, r in enumerate(rows) if r["error"] is None]
+        results: list[Result | None] = [None] * len(rows)
+        for (i, _), res in zip(todo, self.engine.generate([p for _, p in todo], self.cfg.generation)):
+            results[i] = res
+        out = []
+        for row, res in zip(rows, results):
+            res = res or Result.failed(row[id_col], row["error"])
+            out.append(
+                {k: row[k] for k in keep}
+                | {
+                    "text": res.text,
+                    "finish_reason": res.finish_reason,
+                    "prompt_tokens": res.prompt_tokens,
+                    "image_tokens": res.image_tokens,
+                    "completion_tokens": res.completion_tokens,
+                    "model": self.engine.model_name,
+                    "backend": self.engine.backend,
+                    "error": res.error,
+                }
+            )
+        schema = pa.schema([batch.schema.field(k) for k in keep] + RESULT_FIELDS)
+        return pa.Table.from_pylist(out, schema=schema)
+
+
+class DropRepeatedIds:
+    """One actor sees every row, so 'first one wins' needs only the set of repeated ids."""
+
+    def __init__(self, id_column: str, repeated: list):
+        self.id_column = id_column
+        self.repeated = set(repeated)
+        self.seen: set = set()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        keep = []
+        for value in batch.column(self.id_column).to_pylist():
+            first = value not in self.repeated or value not in self.seen
+            if value in self.repeated:
+                self.seen.add(value)
+            keep.append(first)
+        return batch.filter(pa.array(keep, pa.bool_()))
+
+
+def drop_repeated_kwargs(cfg: Config, repeated: list) -> dict[str, Any]:
+    return dict(
+        fn_constructor_kwargs={"id_column": cfg.input.columns.id, "repeated": repeated},
+        batch_format="pyarrow",
+        concurrency=1,
+        num_cpus=0.1,
+    )
+
+
+def preprocess_kwargs(cfg: Config) -> dict[str, Any]:
+    r = cfg.resources
+    return dict(
+        fn_constructor_kwargs={"config": cfg.model_dump()},
+        batch_size=r.preprocess_batch_size,
+        batch_format="pyarrow",
+        concurrency=r.preprocess_actors,
+        num_cpus=r.preprocess_cpus,
+        max_restarts=r.max_restarts,
+        max_task_retries=r.max_task_retries,
+    )
+
+
+def generate_kwargs(cfg: Config) -> dict[str, Any]:
+    r = cfg.resources
+    return dict(
+        fn_constructor_kwargs={"config": cfg.model_dump()},
+        batch_size=r.model_batch_size,
+        batch_format="pyarrow",
+        concurrency=r.model_actors,
+        num_cpus=r.model_cpus,
+        num_gpus=r.num_gpus_per_actor or None,
+        max_restarts=r.max_restarts,
+        max_task_retries=r.max_task_retries,
+    )
