@@ -119,7 +119,7 @@ def decode_image(data: bytes, limits: LimitsConfig) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError("cannot identify image file") from None
     except Exception as e:  # PIL raises a zoo of errors on malformed headers
-        raise ImageError(f"cannot open image: {type(e).__name__}: {e}") from None
+        raise _corrupt(None, e) from None
     w, h = img.size
     if w < 1 or h < 1:
         raise ImageError(f"{w}x{h} has no pixels")
@@ -135,7 +135,11 @@ def decode_image(data: bytes, limits: LimitsConfig) -> Image.Image:
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
     except Exception as e:
-        raise ImageError(f"truncated or corrupt {img.format or ''} data: {type(e).__name__}: {e}".replace("  ", " ")) from None
+        raise _corrupt(img.format, e) from None
+
+
+def _corrupt(fmt: str | None, e: Exception) -> ImageError:
+    return ImageError(f"truncated or corrupt {fmt + ' ' if fmt else ''}data: {type(e).__name__}: {e}")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

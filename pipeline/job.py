@@ -82,7 +82,7 @@ def _duplicates(cfg: Config, ds) -> tuple[int, list]:
 def build_dataset(cfg: Config, columns: list[str], files: list[str], fs, repeated: list):
     import ray
 
-    ds = ray.data.read_parquet(files, filesystem=fs, columns=columns)
+    ds = ray.data.read_parquet(files, filesystem=fs).select_columns(columns)
     if repeated:
         ds = ds.map_batches(DropRepeatedIds, **drop_repeated_kwargs(cfg, repeated))
     # Small blocks bound what a stop loses: output and checkpoints are committed per block.

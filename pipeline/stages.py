@@ -172,6 +172,8 @@ def drop_repeated_kwargs(cfg: Config, repeated: list) -> dict[str, Any]:
     )
 
 
+# Actor restarts and task retries: Ray Data's defaults (restart forever, retry tasks) are what a
+# long job wants, so they are not overridden here.
 def preprocess_kwargs(cfg: Config) -> dict[str, Any]:
     r = cfg.resources
     return dict(
@@ -180,8 +182,6 @@ def preprocess_kwargs(cfg: Config) -> dict[str, Any]:
         batch_format="pyarrow",
         concurrency=r.preprocess_actors,
         num_cpus=r.preprocess_cpus,
-        max_restarts=r.max_restarts,
-        max_task_retries=r.max_task_retries,
     )
 
 
@@ -194,6 +194,4 @@ def generate_kwargs(cfg: Config) -> dict[str, Any]:
         concurrency=r.model_actors,
         num_cpus=r.model_cpus,
         num_gpus=r.num_gpus_per_actor or None,
-        max_restarts=r.max_restarts,
-        max_task_retries=r.max_task_retries,
     )

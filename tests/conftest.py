@@ -59,3 +59,43 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+def reference_text(ckpt: str, images: list[bytes], prompt: str, max_new_tokens: int) -> str:
+    """What transformers gives when called directly, as on the model card: the checkpoint's
+    processor + model.generate, greedy, one row at a time (independent of pipeline code)."""
+    import transformers as tf
+    from transformers import AutoConfig
+
+    model_cls = {"llava": tf.LlavaForConditionalGeneration, "llava_next": tf.LlavaNextForConditionalGeneration}
+    model = _REF_MODELS.get(ckpt)
+    if model is None:
+        model = _REF_MODELS[ckpt] = model_cls[AutoConfig.from_pretrained(ckpt).model_type].from_pretrained(ckpt)
+    processor = tf.AutoProcessor.from_pretrained(ckpt)
+    pil = [Image.open(io.BytesIO(b)) for b in images]
+    conversation = [{"role": "user", "content": [{"type": "image"} for _ in pil] + [{"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    inputs = processor(images=pil, text=text, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+_REF_MODELS: dict = {}
+
+
+def write_parquet(path, rows: list[dict], schema=None) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return str(path)
+
+
+def read_output(path) -> dict:
+    """Output Parquet folder -> {id: row}; asserts ids are unique."""
+    import pyarrow.dataset as pads
+
+    rows = pads.dataset(str(path), format="parquet").to_table().to_pylist()
+    by_id = {r["id"]: r for r in rows}
+    assert len(by_id) == len(rows), "duplicate ids in the output"
+    return by_id
