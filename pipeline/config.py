@@ -108,8 +108,6 @@ class ResourcesConfig(_Strict):
     model_batch_size: int = Field(default=8, ge=1)
     # Bounds the rows per Ray Data block, which bounds what a stop can lose (DESIGN.md 'Resume').
     rows_per_block: int = Field(default=128, ge=1, le=2048)
-    # Test-only fault hook: the model actor with this 0-based call count raises SystemExit once.
-    fault_kill_after_batches: int | None = Field(default=None, ge=0)
 
 
 class LimitsConfig(_Strict):

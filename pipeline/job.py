@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import time
 
 import pyarrow.compute as pc
@@ -17,7 +19,8 @@ from .stages import (
     generate_kwargs,
     preprocess_kwargs,
 )
-from .storage import arrow_fs, input_files, output_rows, parquet_dataset, remove_tree
+from .resume import checkpoint_path, drop_failed_rows
+from .storage import arrow_fs, input_files, output_files, output_rows, parquet_dataset, remove_tree
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +40,6 @@ class JobSummary(BaseModel):
     generated_tokens: int  # by this run
     tokens_per_s: float
     dropped_duplicates: int = 0
-
-
-def checkpoint_path(cfg: Config) -> str:
-    """Beside the output, not inside it, so readers of the output never see checkpoint files."""
-    return cfg.output.path.rstrip("/") + ".checkpoint"
 
 
 def _check_input(cfg: Config, ds) -> list[str]:
@@ -91,6 +89,15 @@ def build_dataset(cfg: Config, columns: list[str], files: list[str], fs, repeate
     return ds.map_batches(GenerateStage, **generate_kwargs(cfg))
 
 
+def local_cpus(cfg: Config) -> int:
+    """Logical CPUs for an embedded Ray: the two actor pools, Ray Data's checkpoint-filter actor
+    on a resumed run (1 CPU, not configurable), and one CPU for read/write tasks -- on a 2-core
+    machine the machine's count alone leaves a resumed job with no CPU for reads and it hangs."""
+    r = cfg.resources
+    need = r.preprocess_actors * r.preprocess_cpus + r.model_actors * r.model_cpus + 2
+    return max(os.cpu_count() or 1, math.ceil(need))
+
+
 def run_job(cfg: Config, *, retry_failed: bool = False) -> JobSummary:
     import ray
     from ray.data import DataContext
@@ -109,10 +116,13 @@ def run_job(cfg: Config, *, retry_failed: bool = False) -> JobSummary:
     if cfg.output.mode == "overwrite":
         remove_tree(cfg.output.path, cfg.storage)
         remove_tree(checkpoint_path(cfg), cfg.storage)
-    before = output_rows(cfg.output.path, cfg.storage, ["error"]).num_rows
+    elif retry_failed:
+        drop_failed_rows(cfg)
+    files_before = set(output_files(cfg.output.path, cfg.storage))
 
     if not ray.is_initialized():
-        ray.init(configure_logging=False)
+        # Connects to a cluster when RAY_ADDRESS is set (RayJob); otherwise starts one here.
+        ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else local_cpus(cfg), configure_logging=False)
     ctx = DataContext.get_current()
     ckpt_fs, ckpt_path = arrow_fs(checkpoint_path(cfg), cfg.storage)
     ctx.checkpoint_config = CheckpointConfig(
@@ -128,24 +138,27 @@ def run_job(cfg: Config, *, retry_failed: bool = False) -> JobSummary:
     finally:
         ctx.checkpoint_config = None
     seconds = time.perf_counter() - start
-    return summarize(cfg, before, seconds, dropped)
+    return summarize(cfg, files_before, seconds, dropped)
 
 
-def summarize(cfg: Config, rows_before: int, seconds: float, dropped: int) -> JobSummary:
-    table = output_rows(cfg.output.path, cfg.storage, ["error", "completion_tokens"])
+def summarize(cfg: Config, files_before: set[str], seconds: float, dropped: int) -> JobSummary:
+    """Totals over the whole output; rates over the files this run wrote (a resumed run's
+    earlier files are not its work)."""
+    table = output_rows(cfg.output.path, cfg.storage, ["error"])
     total = table.num_rows
-    failed = total - pc.sum(pc.is_null(table.column("error")).cast("int64")).as_py() if total else 0
-    processed = total - rows_before
-    tokens_all = pc.sum(table.column("completion_tokens")).as_py() or 0 if total else 0
+    failed = total - (pc.sum(pc.is_null(table.column("error")).cast("int64")).as_py() or 0)
+    new_files = [f for f in output_files(cfg.output.path, cfg.storage) if f not in files_before]
+    new = output_rows(cfg.output.path, cfg.storage, ["completion_tokens"], new_files)
+    tokens = int(pc.sum(new.column("completion_tokens")).as_py() or 0)
     return JobSummary(
         output_path=cfg.output.path,
         rows_total=total,
         rows_ok=total - failed,
         rows_failed=failed,
-        rows_processed=processed,
+        rows_processed=new.num_rows,
         seconds=round(seconds, 3),
-        records_per_s=round(processed / seconds, 3) if seconds else 0.0,
-        generated_tokens=int(tokens_all),
-        tokens_per_s=round(tokens_all / seconds, 3) if seconds else 0.0,
+        records_per_s=round(new.num_rows / seconds, 3) if seconds else 0.0,
+        generated_tokens=tokens,
+        tokens_per_s=round(tokens / seconds, 3) if seconds else 0.0,
         dropped_duplicates=dropped,
     )

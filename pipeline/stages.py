@@ -81,29 +81,37 @@ def row_to_prepared(row: dict[str, Any], request_id: Any) -> PreparedRequest:
 
 
 class PreprocessStage:
-    """CPU actor: input rows -> prepared rows (or rows with `error`)."""
+    """CPU actor: input rows -> prepared rows (or rows with `error`).
+
+    Rows of a batch are prepared on `fetch.concurrency` threads, so image reads from S3 or
+    http(s) overlap (bounded), while decoding and tokenising stay per row.
+    """
 
     def __init__(self, config: dict):
+        from concurrent.futures import ThreadPoolExecutor
+
         from .preprocess import Preprocessor
 
         self.cfg = Config.model_validate(config)
         self.pre = Preprocessor(self.cfg)
+        self.pool = ThreadPoolExecutor(self.cfg.fetch.concurrency, thread_name_prefix="prepare")
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def _prepare(self, row: dict[str, Any]) -> dict[str, Any]:
         from .preprocess import Record
 
-        columns = self.cfg.input.columns
+        try:
+            return prepared_to_row(self.pre.prepare(Record.from_row(row, self.cfg.input.columns)))
+        except ValueError as e:  # ImageError / RowError / pydantic: the row's own fault
+            error = str(e)
+        except Exception as e:  # anything else is still this row's error, never the batch's
+            logger.exception("preprocessing row %r failed", row.get(self.cfg.input.columns.id))
+            error = f"preprocess: {type(e).__name__}: {e}"
+        return {f.name: None for f in PREPARED_FIELDS} | {"error": error}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
         keep = _keep(self.cfg)
-        out = []
-        for row in batch.to_pylist():
-            try:
-                prepared = prepared_to_row(self.pre.prepare(Record.from_row(row, columns)))
-            except ValueError as e:  # ImageError / RowError / pydantic: the row's own fault
-                prepared = {f.name: None for f in PREPARED_FIELDS} | {"error": str(e)}
-            except Exception as e:  # anything else is still this row's error, never the batch's
-                logger.exception("preprocessing row %r failed", row.get(columns.id))
-                prepared = {f.name: None for f in PREPARED_FIELDS} | {"error": f"preprocess: {type(e).__name__}: {e}"}
-            out.append({k: row.get(k) for k in keep} | prepared)
+        rows = batch.to_pylist()
+        out = [{k: row.get(k) for k in keep} | prepared for row, prepared in zip(rows, self.pool.map(self._prepare, rows))]
         schema = pa.schema([batch.schema.field(k) for k in keep] + PREPARED_FIELDS)
         return pa.Table.from_pylist(out, schema=schema)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import posixpath
 from typing import Any
 
 import pyarrow.dataset as pads
@@ -22,9 +23,38 @@ def fsspec_fs(url: str, storage: StorageConfig):
     return fsspec.core.url_to_fs(url, **opts)
 
 
+class _RenameOnClose:
+    """A file written under a hidden name and renamed into place on close."""
+
+    def __init__(self, fs, path: str):
+        head, tail = posixpath.split(path)
+        self.fs, self.path, self.tmp = fs, path, posixpath.join(head, f".{tail}.inprogress")
+        self.f = fs.open(self.tmp, "wb")
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def close(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+            self.fs.mv(self.tmp, self.path)
+
+
+class AtomicWriteHandler(FSSpecHandler):
+    """Local and network file systems show a half-written file to readers while it is written,
+    and leave it there if the job is killed; object stores publish an object only when its
+    upload completes. Here too, a file appears under its name only once it is complete."""
+
+    def open_output_stream(self, path, metadata):
+        from pyarrow import PythonFile
+
+        return PythonFile(_RenameOnClose(self.fs, path), mode="w")
+
+
 def arrow_fs(url: str, storage: StorageConfig) -> tuple[FileSystem, str]:
     fs, path = fsspec_fs(url, storage)
-    return PyFileSystem(FSSpecHandler(fs)), path
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    return PyFileSystem(AtomicWriteHandler(fs) if local else FSSpecHandler(fs)), path
 
 
 def input_files(paths: str | list[str], storage: StorageConfig) -> tuple[FileSystem, list[str]]:
@@ -58,14 +88,17 @@ def remove_tree(url: str, storage: StorageConfig) -> None:
         fs.rm(path, recursive=True)
 
 
-def output_rows(url: str, storage: StorageConfig, columns: list[str]):
-    """The job's output so far as a pyarrow Table (empty when there is none yet)."""
+def output_files(url: str, storage: StorageConfig) -> list[str]:
+    fs, path = fsspec_fs(url, storage)
+    return sorted(p for p in fs.find(path) if p.endswith(".parquet")) if fs.exists(path) else []
+
+
+def output_rows(url: str, storage: StorageConfig, columns: list[str], files: list[str] | None = None):
+    """The job's output (or the given files of it) as a pyarrow Table; empty when there is none."""
     import pyarrow as pa
 
-    fs, path = fsspec_fs(url, storage)
-    if not fs.exists(path):
-        return pa.table({c: [] for c in columns})
-    files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+    fs, _ = fsspec_fs(url, storage)
+    files = output_files(url, storage) if files is None else files
     if not files:
-        return pa.table({c: [] for c in columns})
+        return pa.table({c: pa.array([], pa.int64()) for c in columns})
     return parquet_dataset(files, PyFileSystem(FSSpecHandler(fs))).to_table(columns=columns)

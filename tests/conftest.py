@@ -52,11 +52,15 @@ def resized(name: str, h: int, w: int, fmt: str = "JPEG") -> bytes:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the session, 2 CPUs like CI."""
+    """One local Ray for the session, sized as the job sizes an embedded Ray (pipeline.job.local_cpus)."""
     import ray
 
+    from pipeline.config import load_config
+    from pipeline.job import local_cpus
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        cpus = local_cpus(load_config({"model": {"name": "any"}}))
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

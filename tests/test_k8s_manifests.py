@@ -116,10 +116,10 @@ def test_manifest_valid_for_kuberay_v1_7(path, crds):
 
 
 def edited(name: str, old: str, new: str) -> dict:
-    """The manifest with one exact piece of YAML text replaced, as a user would mistype it."""
-    text = (K8S / name).read_text()
-    assert text.count(old) == 1, f"{old!r} must occur once in {name}"
-    return yaml.safe_load(text.replace(old, new))
+    """The manifest with one piece of YAML text (a regex) replaced, as a user would mistype it."""
+    text, count = re.subn(old, new, (K8S / name).read_text())
+    assert count == 1, f"{old!r} must occur once in {name}"
+    return yaml.safe_load(text)
 
 
 def changed(name: str, change) -> dict:
@@ -132,65 +132,74 @@ JOB, SVC = "rayjob-caption.yaml", "rayservice-llava.yaml"
 WORKER0_JOB = "spec.rayClusterSpec.workerGroupSpecs[0]"
 HEAD_SVC = "spec.rayClusterConfig.headGroupSpec"
 
+
+def worker0(doc: dict) -> dict:
+    return cluster_of(doc)["workerGroupSpecs"][0]
+
+
+def head_ports(doc: dict) -> list:
+    return cluster_of(doc)["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+
+
+# case -> (make the broken manifest, the path the single error must name, what it must say)
 BROKEN = {
     "quoted replica count": (
-        lambda: edited(JOB, "replicas: 2 ", 'replicas: "2" '),
-        f"{WORKER0_JOB}.replicas: '2' is not of type 'integer'",
+        lambda: edited(JOB, r"(\n +replicas: )(\d+)", r'\1"\2"'),
+        f"{WORKER0_JOB}.replicas", "is not of type 'integer'",
     ),
     "unquoted rayStartParams value": (
         lambda: edited(SVC, 'num-cpus: "0"', "num-cpus: 0"),
-        f"{HEAD_SVC}.rayStartParams.num-cpus: 0 is not of type 'string'",
+        f"{HEAD_SVC}.rayStartParams.num-cpus", "0 is not of type 'string'",
     ),
     "misspelt top-level field": (
         lambda: edited(JOB, "shutdownAfterJobFinishes:", "shutdownAfterJobFinished:"),
-        "spec.shutdownAfterJobFinished: unknown field",
+        "spec.shutdownAfterJobFinished", "unknown field",
     ),
     "misspelt pod field": (
         lambda: edited(JOB, "nodeSelector:", "nodeSelecter:"),
-        f"{WORKER0_JOB}.template.spec.nodeSelecter: unknown field",
+        f"{WORKER0_JOB}.template.spec.nodeSelecter", "unknown field",
     ),
     "missing headGroupSpec (RayJob)": (
         lambda: changed(JOB, lambda d: d["spec"]["rayClusterSpec"].pop("headGroupSpec")),
-        "spec.rayClusterSpec.headGroupSpec: Required value",
+        "spec.rayClusterSpec.headGroupSpec", "Required value",
     ),
     "missing headGroupSpec (RayService)": (
         lambda: changed(SVC, lambda d: d["spec"]["rayClusterConfig"].pop("headGroupSpec")),
-        f"{HEAD_SVC}: Required value",
+        HEAD_SVC, "Required value",
     ),
     "quantity with a unit Kubernetes does not know": (
-        lambda: edited(SVC, "limits: {cpu: \"2\", memory: 8Gi}", "limits: {cpu: \"2\", memory: 8GB}"),
-        f"{HEAD_SVC}.template.spec.containers[0].resources.limits.memory: '8GB' does not match",
+        lambda: edited(SVC, r"(limits: \{cpu: \S+, memory: \d+)Gi\}", r"\1GB}"),
+        f"{HEAD_SVC}.template.spec.containers[0].resources.limits.memory", "GB' does not match",
     ),
     "duplicate port (listType map)": (
-        lambda: changed(SVC, lambda d: d["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
-                        ["containers"][0]["ports"].append({"containerPort": 8000, "name": "serve2"})),
-        f"{HEAD_SVC}.template.spec.containers[0].ports[4]: Duplicate value",
+        lambda: changed(SVC, lambda d: head_ports(d).insert(1, {**head_ports(d)[0], "name": "again"})),
+        f"{HEAD_SVC}.template.spec.containers[0].ports[1]", "Duplicate value",
     ),
     # Rules the operator enforces in code.
     "RayJob name over 47 characters": (
         lambda: changed(JOB, lambda d: d["metadata"].update(name="c" * 48)),
-        "metadata.name: RayJob name must be at most 47 characters, got 48",
+        "metadata.name", "RayJob name must be at most 47 characters, got 48",
     ),
     "RayService name over 47 characters": (
         lambda: changed(SVC, lambda d: d["metadata"].update(name="s" * 48)),
-        "metadata.name: RayService name must be at most 47 characters, got 48",
+        "metadata.name", "RayService name must be at most 47 characters, got 48",
     ),
     "minReplicas above maxReplicas": (
-        lambda: changed(SVC, lambda d: d["spec"]["rayClusterConfig"]["workerGroupSpecs"][0].update(minReplicas=5)),
-        "spec.rayClusterConfig.workerGroupSpecs[0].minReplicas: 5 is greater than maxReplicas 4",
+        lambda: changed(SVC, lambda d: worker0(d).update(minReplicas=worker0(d)["maxReplicas"] + 1)),
+        "spec.rayClusterConfig.workerGroupSpecs[0].minReplicas", "is greater than maxReplicas",
     ),
     "ttlSecondsAfterFinished without shutdownAfterJobFinishes": (
         lambda: changed(JOB, lambda d: d["spec"].update(shutdownAfterJobFinishes=False)),
-        "spec.ttlSecondsAfterFinished: only allowed with spec.shutdownAfterJobFinishes: true",
+        "spec.ttlSecondsAfterFinished", "only allowed with spec.shutdownAfterJobFinishes: true",
     ),
 }
 
 
 @pytest.mark.parametrize("case", BROKEN, ids=list(BROKEN))
 def test_broken_manifest_fails_naming_the_field(case, crds):
-    make, expected = BROKEN[case]
+    make, path, says = BROKEN[case]
     errors = kv.validate(make(), crds)
-    assert len(errors) == 1 and errors[0].startswith(expected), errors
+    assert len(errors) == 1 and errors[0].startswith(f"{path}: ") and says in errors[0], errors
 
 
 @pytest.mark.parametrize("name,limit", [(JOB, 47), (SVC, 47)])
@@ -293,7 +302,8 @@ def test_gpu_worker_group(name):
     for group in workers:
         pod = group["template"]["spec"]
         res = pod["containers"][0]["resources"]
-        assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] and int(res["limits"]["nvidia.com/gpu"]) >= 1
+        assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"]  # Kubernetes requires it
+        assert int(res["limits"]["nvidia.com/gpu"]) >= 1
         assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in pod["tolerations"])
         assert pod["nodeSelector"]
 
@@ -367,24 +377,49 @@ def test_one_image_and_the_dockerfile_ray_version_everywhere():
     assert len(images) == 1, f"one image (built from k8s/Dockerfile) for every Ray container: {images}"
 
 
-def test_rayjob_config_ships_in_the_image_and_fits_the_gpus(rayjob):
+def worker_total(doc: dict, replicas_field: str, resource: str) -> float:
+    """Sum over worker groups of replicas x the Ray container's limit of `resource`."""
+    return sum(
+        g[replicas_field] * quantity(g["template"]["spec"]["containers"][0]["resources"]["limits"].get(resource, 0))
+        for g in cluster_of(doc)["workerGroupSpecs"]
+    )
+
+
+def quantity(value) -> float:
+    """A Kubernetes CPU / GPU quantity: 2, "2", "500m"."""
+    value = str(value)
+    return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
+
+
+def effective_config(path: Path, sets: dict):
+    """The config as the CLI / build_app resolve it: file, then overrides, then defaults."""
+    from pipeline.config import load_config
+
+    return load_config(path, sets)
+
+
+def test_rayjob_config_ships_in_the_image_and_fits_the_cluster(rayjob):
     config, sets = entrypoint(rayjob)
     assert local_path(config).is_file(), f"{config}: not in configs/ (the image copies configs/ to /app/configs)"
-    asked = int(sets["resources.model_actors"]) * float(sets["resources.num_gpus_per_actor"])
-    workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    have = sum(g["minReplicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)) for g in workers)
-    assert 0 < asked <= have, f"model actors ask for {asked} GPUs; the fixed-size cluster has {have}"
+    res = effective_config(local_path(config), sets).resources
+    gpus_asked = res.model_actors * res.num_gpus_per_actor
+    gpus = worker_total(rayjob, "minReplicas", "nvidia.com/gpu")
+    assert 0 < gpus_asked <= gpus, f"model actors ask for {gpus_asked} GPUs; the fixed-size cluster has {gpus}"
+    # DESIGN.md 'Two cores': actors must leave CPU for Ray Data's read and write tasks (the head has none).
+    cpus_asked = res.preprocess_actors * res.preprocess_cpus + res.model_actors * res.model_cpus
+    cpus = worker_total(rayjob, "minReplicas", "cpu")
+    assert cpus_asked <= cpus - 1, f"actors ask for {cpus_asked} of {cpus} worker CPUs: none left for reads/writes"
 
 
 def test_rayservice_capacity_autoscaling_and_readiness(rayservice):
     spec, cluster = rayservice["spec"], rayservice["spec"]["rayClusterConfig"]
     serve = serve_config(rayservice)
-    sets = serve["applications"][0]["args"]["set"]
-    lo, hi = sets["serve.autoscaling.min_replicas"], sets["serve.autoscaling.max_replicas"]
-    gpus = lambda g, n: g[n] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))  # noqa: E731
-    workers = cluster["workerGroupSpecs"]
-    assert sum(gpus(g, "maxReplicas") for g in workers) >= hi * GPUS_PER_MODEL_REPLICA
-    assert sum(gpus(g, "minReplicas") for g in workers) >= lo * GPUS_PER_MODEL_REPLICA
+    args = serve["applications"][0]["args"]
+    cfg = effective_config(local_path(args["config"]), args.get("set")).serve
+    lo = cfg.num_replicas or cfg.autoscaling.min_replicas  # num_replicas: a fixed count
+    hi = cfg.num_replicas or cfg.autoscaling.max_replicas
+    assert worker_total(rayservice, "maxReplicas", "nvidia.com/gpu") >= hi * GPUS_PER_MODEL_REPLICA
+    assert worker_total(rayservice, "minReplicas", "nvidia.com/gpu") >= lo * GPUS_PER_MODEL_REPLICA
     assert cluster["enableInTreeAutoscaling"] is True  # Serve's extra replicas need GPU pods
     assert spec["upgradeStrategy"]["type"] in ("NewCluster", "NewClusterWithIncrementalUpgrade", "None")
     # Readiness as KubeRay does it: its own probes (the worker's checks Serve's proxy on the port

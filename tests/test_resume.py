@@ -1,0 +1,123 @@
+"""Resume after a stop, --retry-failed, and a model actor killed mid-job: exactly once, always."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import read_output, resized, write_parquet
+
+from pipeline.config import load_config
+from pipeline.job import run_job
+from pipeline.resume import checkpoint_path
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(ckpt, tmp_path, n_rows, **resources):
+    images = [resized(name, 200 + 7 * i, 260) for i, name in enumerate(["astronaut", "coffee", "rocket", "chelsea"])]
+    rows = [{"id": f"r{i:03d}", "image": images[i % 4], "prompt": f"Row {i}?"} for i in range(n_rows)]
+    data = {
+        "model": {"name": ckpt},
+        "generation": {"max_new_tokens": 24},
+        "input": {"path": write_parquet(tmp_path / "in.parquet", rows)},
+        "output": {"path": str(tmp_path / "out")},
+        "resources": {"rows_per_block": 4, "model_batch_size": 4, "preprocess_batch_size": 4, **resources},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path, load_config(path)
+
+
+def _committed_ids(cfg) -> set:
+    root = Path(checkpoint_path(cfg))
+    files = [p for p in root.glob("*.parquet") if not p.name.endswith(".pending.parquet")]
+    return {v for p in files for v in pq.read_table(p).column("id").to_pylist()}
+
+
+def test_stopped_job_resumes_where_it_stopped(ray_local, tiny_llava, tmp_path):
+    path, cfg = _config(tiny_llava, tmp_path, 48)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(path)], cwd=ROOT, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while len(_committed_ids(cfg)) < 8 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, like a lost pod
+    proc.wait()
+    done = _committed_ids(cfg)
+    assert 8 <= len(done) < 48, "the stop should land mid-job"
+    for f in Path(cfg.output.path).glob("*.parquet"):  # a stopped job leaves only readable files
+        pq.read_table(f)
+
+    summary = run_job(cfg)
+    out = read_output(cfg.output.path)
+    assert set(out) == {f"r{i:03d}" for i in range(48)}
+    assert all(r["error"] is None for r in out.values())
+    assert summary.rows_processed == 48 - len(done)  # only what was missing
+
+    again = run_job(cfg)  # a finished job: nothing left to do
+    assert again.rows_processed == 0 and again.rows_total == 48
+
+
+def test_retry_failed_reprocesses_only_failed_rows(ray_local, tiny_llava, tmp_path):
+    late = [tmp_path / f"late{i}.jpg" for i in range(3)]
+    rows = [{"id": i, "image_path": str(p)} for i, p in enumerate(late)]
+    for i in range(3, 9):
+        (tmp_path / f"ok{i}.jpg").write_bytes(resized("coffee", 100 + i, 120))
+        rows.append({"id": i, "image_path": str(tmp_path / f"ok{i}.jpg")})
+    cfg = load_config({
+        "model": {"name": tiny_llava}, "generation": {"max_new_tokens": 8},
+        "input": {"path": write_parquet(tmp_path / "in.parquet", rows)}, "output": {"path": str(tmp_path / "out")},
+        "resources": {"rows_per_block": 3},
+    })
+    first = run_job(cfg)
+    assert (first.rows_ok, first.rows_failed) == (6, 3)
+    before = read_output(cfg.output.path)
+    for p in late:  # the missing images arrive
+        p.write_bytes(resized("rocket", 150, 150))
+
+    assert run_job(cfg).rows_processed == 0  # plain resume: failed rows count as done
+    second = run_job(cfg, retry_failed=True)
+    assert second.rows_processed == 3 and (second.rows_ok, second.rows_failed, second.rows_total) == (9, 0, 9)
+    after = read_output(cfg.output.path)
+    assert all(after[i]["text"] == before[i]["text"] for i in range(3, 9))
+
+
+def test_model_actor_killed_mid_job_every_row_exactly_once(ray_local, tiny_llava, tmp_path):
+    import psutil
+
+    _, cfg = _config(tiny_llava, tmp_path, 40)
+    killed = []
+
+    def kill_model_actor_once():
+        deadline = time.monotonic() + 180
+        while not killed and time.monotonic() < deadline:
+            if list(Path(cfg.output.path).glob("*.parquet")):
+                # Ray titles each actor process after its class: ray::MapWorker(MapBatches(GenerateStage))
+                for proc in psutil.process_iter(["pid", "cmdline"]):
+                    if "GenerateStage" in " ".join(proc.info["cmdline"] or []):
+                        os.kill(proc.info["pid"], signal.SIGKILL)  # a crash, as the OOM killer would do
+                        killed.append(proc.info["pid"])
+                        return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_model_actor_once)
+    killer.start()
+    summary = run_job(cfg)
+    killer.join()
+    assert killed, "the model actor was never killed"
+    out = read_output(cfg.output.path)
+    assert set(out) == {f"r{i:03d}" for i in range(40)}
+    assert summary.rows_total == 40 and summary.rows_failed == 0
+    rows = pads.dataset(cfg.output.path, format="parquet").to_table().num_rows
+    assert rows == 40
