@@ -1,0 +1,151 @@
+"""S3 in and out against a real S3 HTTP endpoint (moto in server mode on 127.0.0.1), and a
+corpus of bad inputs: the job finishes, good rows are answered, each bad row names its cause."""
+
+import io
+import struct
+import zlib
+
+import boto3
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+from conftest import encode, photo, read_output, resized, write_parquet
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.job import run_job
+
+pytestmark = pytest.mark.slow
+KEY, SECRET, BUCKET = "testing-key", "testing-secret", "llava"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=url, aws_access_key_id=KEY, aws_secret_access_key=SECRET, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    yield url
+    server.stop()
+
+
+def _storage(url):
+    return {"endpoint_url": url, "region": "us-east-1", "key": KEY, "secret": SECRET}
+
+
+def _fs(url):
+    return s3fs.S3FileSystem(key=KEY, secret=SECRET, client_kwargs={"endpoint_url": url, "region_name": "us-east-1"})
+
+
+def _cfg(ckpt, inp, out, **extra):
+    return load_config({
+        "model": {"name": ckpt}, "generation": {"max_new_tokens": 10},
+        "input": {"path": inp}, "output": {"path": out, "mode": "overwrite"},
+        "resources": {"rows_per_block": 4, "model_batch_size": 4}, **extra,
+    })
+
+
+def test_s3_round_trip_equals_the_local_job(ray_local, tiny_llava, s3_endpoint, tmp_path):
+    fs = _fs(s3_endpoint)
+    photos = ["astronaut", "chelsea", "coffee", "rocket", "camera"]
+    local_rows, s3_rows = [], []
+    for i, name in enumerate(photos):
+        data = encode(photo(name), "JPEG")
+        fs.pipe(f"{BUCKET}/images/{name}.jpg", data)
+        (tmp_path / f"{name}.jpg").write_bytes(data)
+        s3_rows.append({"id": i, "image_path": f"s3://{BUCKET}/images/{name}.jpg", "prompt": f"What is {name}?"})
+        local_rows.append({"id": i, "image_path": str(tmp_path / f"{name}.jpg"), "prompt": f"What is {name}?"})
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(s3_rows), buf)
+    fs.pipe(f"{BUCKET}/in/part-0.parquet", buf.getvalue())
+
+    s3_cfg = _cfg(tiny_llava, f"s3://{BUCKET}/in/", f"s3://{BUCKET}/out/", storage=_storage(s3_endpoint))
+    summary = run_job(s3_cfg)
+    assert (summary.rows_total, summary.rows_ok) == (5, 5)
+    files = [f for f in fs.find(f"{BUCKET}/out") if f.endswith(".parquet")]
+    s3_out = {r["id"]: r for f in files for r in pq.read_table(fs.open(f, "rb")).to_pylist()}
+    assert fs.find(f"{BUCKET}/out.checkpoint"), "the checkpoint lives beside the output, on S3 too"
+
+    local_cfg = _cfg(tiny_llava, write_parquet(tmp_path / "in.parquet", local_rows), str(tmp_path / "out"))
+    run_job(local_cfg)
+    local_out = read_output(local_cfg.output.path)
+    assert set(s3_out) == set(local_out) == set(range(5))
+    for i in range(5):
+        assert s3_out[i]["error"] is None
+        assert s3_out[i]["text"] == local_out[i]["text"]
+        assert s3_out[i]["completion_tokens"] == local_out[i]["completion_tokens"]
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid tiny PNG whose header claims width x height: a decompression bomb's signature."""
+    data = bytearray(encode(np.zeros((1, 1, 3), np.uint8)))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def _special_images() -> dict[str, bytes]:
+    rgb = photo("coffee")
+    cmyk = io.BytesIO()
+    Image.fromarray(rgb).convert("CMYK").save(cmyk, "JPEG")
+    png16 = io.BytesIO()
+    Image.fromarray((photo("camera").astype(np.uint16) * 257)).save(png16, "PNG")
+    palette = io.BytesIO()
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(palette, "PNG", transparency=0)
+    gif = io.BytesIO()
+    frames = [Image.fromarray(photo(n)).resize((64, 48)) for n in ("chelsea", "coffee")]
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return {"cmyk": cmyk.getvalue(), "png16": png16.getvalue(), "palette": palette.getvalue(), "gif": gif.getvalue(),
+            "one_px": encode(np.full((1, 1, 3), 200, np.uint8))}
+
+
+def test_bad_input_corpus(ray_local, tiny_llava, s3_endpoint, tmp_path):
+    fs = _fs(s3_endpoint)
+    good = {"good1": resized("astronaut", 300, 300), "good2": resized("rocket", 200, 400)}
+    usable = _special_images()  # unusual but valid: converted to RGB and answered
+    bad_bytes = {
+        "truncated_jpeg": (encode(photo("coffee"), "JPEG")[:2000], "image: truncated or corrupt"),
+        "zero_bytes": (b"", "image: empty (0 bytes)"),
+        "random_bytes": (np.random.default_rng(0).bytes(4096), "image: cannot identify image file"),
+        "text": (b"hello, I am not an image\n" * 10, "image: cannot identify image file"),
+        "thin_1x20000": (encode(np.zeros((20000, 1, 3), np.uint8)), "image: 1x20000 aspect ratio exceeds limits.max_aspect_ratio=50"),
+        "bomb": (_png_claiming(40000, 40000), "image: 40000x40000 exceeds limits.max_pixels=40000000"),
+    }
+    for name, data in {**good, **usable}.items():
+        fs.pipe(f"{BUCKET}/corpus/{name}.img", data)
+    rows = [{"id": k, "image": None, "image_path": f"s3://{BUCKET}/corpus/{k}.img"} for k in {**good, **usable}]
+    rows += [{"id": k, "image": v, "image_path": None} for k, (v, _) in bad_bytes.items()]
+    rows += [
+        {"id": "missing_s3_key", "image": None, "image_path": f"s3://{BUCKET}/corpus/nope.jpg"},
+        {"id": "unreachable_url", "image": None, "image_path": "http://127.0.0.1:9/x.jpg"},
+        {"id": "http_disabled_host", "image": None, "image_path": "http://169.254.169.254/latest/meta-data/"},
+    ]
+    schema = pa.schema([("id", pa.string()), ("image", pa.binary()), ("image_path", pa.string())])
+    cfg = _cfg(
+        tiny_llava, write_parquet(tmp_path / "in.parquet", rows, schema), str(tmp_path / "out"),
+        storage=_storage(s3_endpoint),
+        fetch={"allow_http": True, "allowed_private_hosts": ["127.0.0.1"], "retries": 1, "timeout_s": 2},
+    )
+    summary = run_job(cfg)
+    out = read_output(cfg.output.path)
+    assert set(out) == {r["id"] for r in rows} and summary.rows_total == len(rows)
+    for k in [*good, *usable]:
+        assert out[k]["error"] is None and out[k]["text"] is not None, (k, out[k]["error"])
+    for k, (_, message) in bad_bytes.items():
+        assert out[k]["error"].startswith(message), (k, out[k]["error"])
+        assert out[k]["text"] is None
+    assert out["missing_s3_key"]["error"] == f"image: not found: s3://{BUCKET}/corpus/nope.jpg"
+    assert out["unreachable_url"]["error"] == (
+        "image: cannot connect to 127.0.0.1:9: [Errno 111] Connection refused (after 2 attempts)"
+    )
+    assert out["http_disabled_host"]["error"].startswith(
+        "image: refused 169.254.169.254 (169.254.169.254): link-local (cloud metadata) addresses are not fetched"
+    )
+    assert summary.rows_failed == len(bad_bytes) + 3
