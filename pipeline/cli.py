@@ -55,6 +55,8 @@ def print_summary(summary) -> None:
         + ")"
     )
     print(f"{s.records_per_s:.2f} rec/s, {s.tokens_per_s:.1f} generated tokens/s in {s.seconds:.1f} s")
+    if s.backend:
+        print(f"model: {s.model}  backend: {s.backend}")
     print(f"output: {s.output_path}")
 
 

@@ -25,8 +25,11 @@ class QuantizationConfig(_Strict):
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     bnb_4bit_use_double_quant: bool = False
-    # LLaVA users keep the vision tower and projector in full precision.
-    skip_modules: list[str] = Field(default_factory=lambda: ["vision_tower", "multi_modal_projector", "lm_head"])
+    # LLaVA users keep the vision tower and projector in full precision. Full module paths:
+    # transformers matches them from the start of a module's name (or as a suffix).
+    skip_modules: list[str] = Field(
+        default_factory=lambda: ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+    )
 
 
 class ModelConfig(_Strict):

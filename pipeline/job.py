@@ -40,6 +40,8 @@ class JobSummary(BaseModel):
     generated_tokens: int  # by this run
     tokens_per_s: float
     dropped_duplicates: int = 0
+    model: str | None = None  # as the output rows record it
+    backend: str | None = None  # transformers/<dtype>/<attention>[/bnb-...] or vllm/<dtype>
 
 
 def _check_input(cfg: Config, ds) -> list[str]:
@@ -148,8 +150,9 @@ def summarize(cfg: Config, files_before: set[str], seconds: float, dropped: int)
     total = table.num_rows
     failed = total - (pc.sum(pc.is_null(table.column("error")).cast("int64")).as_py() or 0)
     new_files = [f for f in output_files(cfg.output.path, cfg.storage) if f not in files_before]
-    new = output_rows(cfg.output.path, cfg.storage, ["completion_tokens"], new_files)
+    new = output_rows(cfg.output.path, cfg.storage, ["completion_tokens", "model", "backend"], new_files)
     tokens = int(pc.sum(new.column("completion_tokens")).as_py() or 0)
+    ran = new.filter(pc.is_valid(new.column("backend"))).slice(0, 1).to_pylist()
     return JobSummary(
         output_path=cfg.output.path,
         rows_total=total,
@@ -161,4 +164,6 @@ def summarize(cfg: Config, files_before: set[str], seconds: float, dropped: int)
         generated_tokens=tokens,
         tokens_per_s=round(tokens / seconds, 3) if seconds else 0.0,
         dropped_duplicates=dropped,
+        model=ran[0]["model"] if ran else None,
+        backend=ran[0]["backend"] if ran else None,
     )

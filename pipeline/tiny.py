@@ -105,11 +105,13 @@ def build_tiny_checkpoint(
     layers: int = 2,
     vocab_size: int = 512,
     seed: int = 0,
+    save_dtype: str = "float32",
 ) -> Path:
     """Write a tiny random checkpoint of `family` ('llava' or 'llava_next') to `out_dir`.
 
     Widths default to 64 so every linear layer's input size is a multiple of 64, which
-    bitsandbytes' CPU kernels need for 4-/8-bit loading.
+    bitsandbytes' CPU kernels need for 4-/8-bit loading. `save_dtype` bfloat16 stores weights
+    the way real LLaVA checkpoints are stored (half precision).
     """
     import torch
     import transformers as tf
@@ -181,7 +183,7 @@ def build_tiny_checkpoint(
         pad_token_id=tokenizer.pad_token_id,
         do_sample=False,
     )
-    model.save_pretrained(out)
+    model.to(getattr(torch, save_dtype)).save_pretrained(out)
     processor.save_pretrained(out)
     (out / "tiny.json").write_text(json.dumps({"family": spec.name, "text_hidden": text_hidden, "seed": seed}))
     logger.info("wrote tiny %s checkpoint to %s", spec.name, out)

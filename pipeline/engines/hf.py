@@ -31,6 +31,36 @@ def resolve_dtype(cfg: Config, device: str) -> str:
     return "bfloat16" if device == "cuda" else "float32"
 
 
+def bnb_config(cfg: Config):
+    """transformers' BitsAndBytesConfig for model.quantization, as on the LLaVA model cards."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    q = cfg.model.quantization
+    if q.mode == "none":
+        return None
+    if q.mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=q.skip_modules)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=getattr(torch, q.bnb_4bit_compute_dtype),
+        bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+        llm_int8_skip_modules=q.skip_modules,
+    )
+
+
+def backend_label(cfg: Config, dtype: str) -> str:
+    """What ran, for every output row: transformers/<dtype>/<attention>[/bnb-<mode>[-<quant type>]]."""
+    q = cfg.model.quantization
+    label = f"transformers/{dtype}/{cfg.model.attn_implementation}"
+    if q.mode == "4bit":
+        label += f"/bnb-4bit-{q.bnb_4bit_quant_type}-{q.bnb_4bit_compute_dtype}"
+    elif q.mode == "8bit":
+        label += "/bnb-8bit"
+    return label
+
+
 class HFEngine:
     """Loads the checkpoint once; `generate` runs a batch, falling back to rows on a batch error."""
 
@@ -48,12 +78,16 @@ class HFEngine:
         self.processor = load_processor(cfg)
         self.tokenizer = self.processor.tokenizer
         model_cls = getattr(transformers, self.family.model_class)
+        quantization = bnb_config(cfg)
         self.model = model_cls.from_pretrained(
             resolve_model_name(cfg.model.name),
             revision=cfg.model.revision,
             dtype=getattr(torch, self.dtype),
             attn_implementation=cfg.model.attn_implementation,
-        ).to(self.device)
+            quantization_config=quantization,
+            # bitsandbytes places weights while loading; quantized models cannot be moved after.
+            device_map={"": self.device},
+        )
         self.model.eval()
         ip = self.processor.image_processor
         shape = (1, 3, 1, 1)
@@ -63,7 +97,7 @@ class HFEngine:
         self.eos_ids = set(np.atleast_1d(self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id).tolist())
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.model_name = cfg.model.name
-        self.backend = f"transformers/{self.dtype}/{cfg.model.attn_implementation}"
+        self.backend = backend_label(cfg, self.dtype)
         self._lock = threading.Lock()  # one generate at a time per model (Serve runs handlers concurrently)
         logger.info("loaded %s (%s) on %s as %s", self.model_name, self.family.name, self.device, self.backend)
 
@@ -154,21 +188,69 @@ class HFEngine:
         finish = "stop" if ends or stopped else "length"
         return Result(request.id, text, finish, request.prompt_tokens, request.image_tokens, n)
 
-    def stream(self, request: PreparedRequest, sampling: GenerationConfig) -> Iterator[str]:
-        """Text deltas of one request, produced by a generate thread through a streamer."""
-        import torch
-        from transformers import TextIteratorStreamer
+    def stream(self, request: PreparedRequest, sampling: GenerationConfig) -> Iterator[str | Result]:
+        """Text deltas of one request as tokens arrive, then its `Result` (what `generate` returns).
 
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        inputs = self._batch_inputs([request])
+        A generate thread hands token ids over a queue; each delta is the growth of the decoded
+        text, minus a tail that may still change (trailing space, a partial character, the start
+        of a stop string), so the deltas join to exactly `generate`'s text. Closing the iterator
+        early (the client went away) aborts the generation at its next token.
+        """
+        import queue
+
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+
+        new_tokens: queue.Queue = queue.Queue()
+        closed = threading.Event()
+        failure: list[BaseException] = []
+
+        class TokenQueue(BaseStreamer):
+            prompt_seen = False
+
+            def put(self, value):  # first the prompt ids [1, L], then each new token [1]
+                if closed.is_set():
+                    raise InterruptedError("stream closed by its consumer")
+                if self.prompt_seen:
+                    new_tokens.put(value.reshape(-1).tolist())
+                self.prompt_seen = True
+
+            def end(self):
+                pass
 
         def run():
-            with self._lock, torch.inference_mode():
-                if sampling.seed is not None:
-                    torch.manual_seed(sampling.seed)
-                self.model.generate(**inputs, **self._generate_kwargs(sampling), streamer=streamer)
+            try:
+                with self._lock, torch.inference_mode():
+                    if sampling.seed is not None:
+                        torch.manual_seed(sampling.seed)
+                    self.model.generate(**inputs, **self._generate_kwargs(sampling), streamer=TokenQueue())
+            except BaseException as e:  # re-raised to the consumer below
+                failure.append(e)
+            finally:
+                new_tokens.put(None)
 
+        def settled(text: str) -> str:
+            hold = max((k for stop in sampling.stop for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+            return text[: min(len(text) - hold, len(text.rstrip(" \t\r\n\ufffd")))]
+
+        inputs = self._batch_inputs([request])
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        yield from streamer
-        thread.join()
+        ids: list[int] = []
+        sent = ""
+        try:
+            while (batch := new_tokens.get()) is not None:
+                ids.extend(batch)
+                text = settled(self._result(request, np.asarray(ids, dtype=np.int64), sampling).text)
+                if len(text) > len(sent):
+                    yield text[len(sent) :]
+                    sent = text
+        finally:
+            closed.set()
+            thread.join()
+        if failure:
+            raise failure[0]
+        result = self._result(request, np.asarray(ids, dtype=np.int64), sampling)
+        if len(result.text) > len(sent):
+            yield result.text[len(sent) :]
+        yield result

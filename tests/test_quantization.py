@@ -1,0 +1,102 @@
+"""bitsandbytes 4-/8-bit on this CPU, attention and dtype choices, and their config errors."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import read_output, reference_text, resized, write_parquet
+
+from pipeline.config import ConfigError, load_config
+from pipeline.engines.hf import HFEngine
+from pipeline.job import run_job
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from memory import build_wide_checkpoint, measure  # noqa: E402
+
+pytest.importorskip("bitsandbytes")
+BNB_LINEAR = {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}
+
+
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_llava_next"])
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_quantized_language_model_full_precision_vision_tower(request, family, mode):
+    ckpt = request.getfixturevalue(family)
+    engine = HFEngine(load_config({"model": {"name": ckpt, "quantization": {"mode": mode}}}))
+    kinds = {"language_model": set(), "vision_tower": set(), "multi_modal_projector": set()}
+    for name, module in engine.model.named_modules():
+        for part in kinds:
+            if f".{part}." in f".{name}." and isinstance(module, torch.nn.Linear):
+                kinds[part].add(type(module).__name__)
+    assert kinds["language_model"] == {BNB_LINEAR[mode]}
+    assert kinds["vision_tower"] == {"Linear"} and kinds["multi_modal_projector"] == {"Linear"}
+    assert type(engine.model.lm_head).__name__ == "Linear"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_llava_next"])
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_quantized_job_answers_every_row_and_records_precision(ray_local, request, tmp_path, family, mode):
+    ckpt = request.getfixturevalue(family)
+    rows = [{"id": i, "image": resized(n, 240 + 60 * i, 320)} for i, n in enumerate(["astronaut", "coffee", "rocket"])]
+    rows.append({"id": 9, "image": b"broken"})
+    cfg = load_config({
+        "model": {"name": ckpt, "quantization": {"mode": mode}}, "generation": {"max_new_tokens": 6},
+        "input": {"path": write_parquet(tmp_path / "in.parquet", rows)}, "output": {"path": str(tmp_path / "out")},
+    })
+    summary = run_job(cfg)
+    out = read_output(cfg.output.path)
+    assert (summary.rows_ok, summary.rows_failed) == (3, 1)
+    label = {"4bit": "transformers/float32/sdpa/bnb-4bit-nf4-bfloat16", "8bit": "transformers/float32/sdpa/bnb-8bit"}[mode]
+    assert summary.backend == label
+    for i in range(3):
+        assert out[i]["error"] is None and out[i]["completion_tokens"] > 0 and out[i]["backend"] == label
+
+
+def test_eager_attention_gives_the_same_answer_as_sdpa(tiny_llava):
+    from pipeline.preprocess import Preprocessor, Record
+
+    image = resized("chelsea", 300, 451)
+    results = {}
+    for attn in ("sdpa", "eager"):
+        cfg = load_config({"model": {"name": tiny_llava, "attn_implementation": attn}, "generation": {"max_new_tokens": 10}})
+        engine = HFEngine(cfg)
+        assert engine.backend == f"transformers/float32/{attn}"
+        results[attn] = engine.generate([Preprocessor(cfg).prepare(Record(id=1, images=[image], prompt="Who?"))], cfg.generation)[0].text
+    assert results["sdpa"] == results["eager"] == reference_text(tiny_llava, [image], "Who?", 10)
+
+
+def test_four_bit_peak_memory_is_below_half_of_float32(tmp_path):
+    """Measured in fresh processes on a tiny-but-wider checkpoint (benchmarks/memory.py)."""
+    ckpt = build_wide_checkpoint(tmp_path / "wide")
+    fp32 = measure(ckpt, {"model.dtype": "float32"})
+    four = measure(ckpt, {"model.dtype": "bfloat16", "model.quantization.mode": "4bit"})
+    assert four["language_model_linear"] == ["Linear4bit"]
+    assert four["footprint_bytes"] < 0.2 * fp32["footprint_bytes"]
+    assert four["anon_peak_bytes"] < 0.5 * fp32["anon_peak_bytes"], (four, fp32)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"backend": "vllm", "model": {"name": "m", "quantization": {"mode": "4bit"}}},
+         "model.quantization.mode: bitsandbytes 4/8-bit runs on backend 'transformers' only; set model.quantization.mode=none for vllm"),
+        ({"backend": "vllm", "model": {"name": "m", "quantization": {"mode": "8bit"}}},
+         "model.quantization.mode: bitsandbytes 4/8-bit runs on backend 'transformers' only"),
+        ({"model": {"name": "m", "attn_implementation": "flash_attention_2", "device": "cpu"}},
+         "model.attn_implementation: flash_attention_2 needs a GPU; use sdpa on CPU"),
+        ({"model": {"name": "m", "quantization": {"mode": "3bit"}}}, "model.quantization.mode: Input should be 'none', '4bit' or '8bit'"),
+    ],
+)
+def test_impossible_combinations_fail_at_config_check(settings, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(settings)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_flash_attention_without_gpu_fails_check_config(tiny_llava):
+    from test_config import cli
+
+    res = cli("check-config", "configs/demo.yaml", "--set", f"model.name={tiny_llava}", "--set", "model.attn_implementation=flash_attention_2")
+    assert res.returncode == 2
+    assert res.stderr.strip() == "config error: model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa"
