@@ -182,24 +182,22 @@ def drop_repeated_kwargs(cfg: Config, repeated: list) -> dict[str, Any]:
 
 # Actor restarts and task retries: Ray Data's defaults (restart forever, retry tasks) are what a
 # long job wants, so they are not overridden here.
-def preprocess_kwargs(cfg: Config) -> dict[str, Any]:
-    r = cfg.resources
+def _actor_pool_kwargs(cfg: Config, batch_size: int, actors: int, cpus: float, gpus: float = 0) -> dict[str, Any]:
     return dict(
         fn_constructor_kwargs={"config": cfg.model_dump()},
-        batch_size=r.preprocess_batch_size,
+        batch_size=batch_size,
         batch_format="pyarrow",
-        concurrency=r.preprocess_actors,
-        num_cpus=r.preprocess_cpus,
+        concurrency=actors,
+        num_cpus=cpus,
+        num_gpus=gpus or None,
     )
+
+
+def preprocess_kwargs(cfg: Config) -> dict[str, Any]:
+    r = cfg.resources
+    return _actor_pool_kwargs(cfg, r.preprocess_batch_size, r.preprocess_actors, r.preprocess_cpus)
 
 
 def generate_kwargs(cfg: Config) -> dict[str, Any]:
     r = cfg.resources
-    return dict(
-        fn_constructor_kwargs={"config": cfg.model_dump()},
-        batch_size=r.model_batch_size,
-        batch_format="pyarrow",
-        concurrency=r.model_actors,
-        num_cpus=r.model_cpus,
-        num_gpus=r.num_gpus_per_actor or None,
-    )
+    return _actor_pool_kwargs(cfg, r.model_batch_size, r.model_actors, r.model_cpus, r.num_gpus_per_actor)
