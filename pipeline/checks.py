@@ -8,10 +8,15 @@ build. Neither silently changes a setting.
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .config import Config
+    from .families import FamilySpec
+
+logger = logging.getLogger(__name__)
 
 
 def check_combinations(cfg: "Config") -> None:
@@ -32,9 +37,16 @@ def _has(module: str) -> bool:
 
 
 def cuda_available() -> bool:
+    """A CUDA GPU here, or a Ray cluster to run on: on KubeRay the job driver and Serve's app
+    builder run on a head without GPUs, and GPU workers may still be scaling up from zero, so
+    there GPU placement is Ray's scheduling to do, not a reason to refuse the config."""
     import torch
 
-    return torch.cuda.is_available()
+    if torch.cuda.is_available() or os.environ.get("RAY_ADDRESS"):
+        return True
+    import ray
+
+    return ray.is_initialized()
 
 
 def check_environment(cfg: "Config") -> None:
@@ -44,6 +56,7 @@ def check_environment(cfg: "Config") -> None:
             raise ValueError("backend: 'vllm' needs the vllm extra: pip install 'llava-ray[vllm]'")
         if not cuda_available():
             raise ValueError("backend: 'vllm' needs a CUDA GPU and none is visible; use backend=transformers")
+        check_vllm_settings(cfg, *vllm_model_facts(cfg))
     if cfg.model.device == "cuda" and not cuda_available():
         raise ValueError("model.device: 'cuda' but no CUDA GPU is visible; use model.device=auto or cpu")
     if cfg.model.attn_implementation == "flash_attention_2":
@@ -54,4 +67,51 @@ def check_environment(cfg: "Config") -> None:
     if cfg.model.quantization.mode != "none" and not _has("bitsandbytes"):
         raise ValueError(
             f"model.quantization.mode: {cfg.model.quantization.mode} needs: pip install 'llava-ray[quant]'"
+        )
+
+
+def vllm_model_facts(cfg: "Config") -> tuple["FamilySpec", int, int]:
+    """(family, context length, most tokens one image takes) read from the checkpoint's files."""
+    from transformers import AutoConfig
+
+    from .families import resolve_model_name
+    from .preprocess import load_family, load_processor
+    from .vllm_inputs import max_image_tokens
+
+    model_config = AutoConfig.from_pretrained(resolve_model_name(cfg.model.name), revision=cfg.model.revision)
+    return load_family(cfg), model_config.text_config.max_position_embeddings, max_image_tokens(load_processor(cfg))
+
+
+def check_vllm_settings(cfg: "Config", family: "FamilySpec", context_len: int, image_tokens: int) -> None:
+    """vLLM settings that would fail the engine's start or every large row, caught up front."""
+    r, v = cfg.resources, cfg.vllm
+    if r.num_gpus_per_actor != v.tensor_parallel_size:
+        raise ValueError(
+            f"resources.num_gpus_per_actor: {r.num_gpus_per_actor:g}, but backend 'vllm' runs one engine per model "
+            f"actor on vllm.tensor_parallel_size={v.tensor_parallel_size} whole GPU(s); "
+            f"set resources.num_gpus_per_actor={v.tensor_parallel_size}"
+        )
+    images = min(family.max_images_per_prompt, cfg.limits.max_images_per_row)
+    if v.limit_mm_per_prompt < images:
+        raise ValueError(
+            f"vllm.limit_mm_per_prompt: {v.limit_mm_per_prompt}, but rows may hold {images} images "
+            f"({family.name}, limits.max_images_per_row={cfg.limits.max_images_per_row}); "
+            f"set vllm.limit_mm_per_prompt={images} or limits.max_images_per_row={v.limit_mm_per_prompt}"
+        )
+    if v.max_model_len > context_len:
+        raise ValueError(
+            f"vllm.max_model_len: {v.max_model_len} exceeds the model's context of {context_len} tokens; "
+            f"set vllm.max_model_len={context_len} or less"
+        )
+    one = image_tokens + cfg.generation.max_new_tokens
+    if v.max_model_len < one:
+        raise ValueError(
+            f"vllm.max_model_len: {v.max_model_len} cannot hold one {family.name} image ({image_tokens} tokens at most) "
+            f"+ generation.max_new_tokens={cfg.generation.max_new_tokens}; set vllm.max_model_len to at least "
+            f"{one} plus the prompt's text, or lower generation.max_new_tokens"
+        )
+    if images > 1 and v.max_model_len < images * image_tokens + cfg.generation.max_new_tokens:
+        logger.warning(
+            "vllm.max_model_len=%d holds fewer than %d large %s images; rows with more fail with a length error",
+            v.max_model_len, images, family.name,
         )

@@ -48,6 +48,7 @@ class GenerationConfig(_Strict):
     """Sampling settings; temperature 0 means greedy."""
 
     max_new_tokens: int = Field(default=64, ge=1, le=8192)
+    min_new_tokens: int = Field(default=0, ge=0)  # benchmarks force a fixed length (= max_new_tokens)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
@@ -56,6 +57,12 @@ class GenerationConfig(_Strict):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "GenerationConfig":
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})")
+        return self
 
 
 class PromptConfig(_Strict):

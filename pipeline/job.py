@@ -13,10 +13,10 @@ from pydantic import BaseModel
 from .config import Config
 from .stages import (
     DropRepeatedIds,
-    GenerateStage,
     PreprocessStage,
     drop_repeated_kwargs,
     generate_kwargs,
+    generate_stage,
     preprocess_kwargs,
 )
 from .resume import checkpoint_path, drop_failed_rows
@@ -88,7 +88,7 @@ def build_dataset(cfg: Config, columns: list[str], files: list[str], fs, repeate
     # Small blocks bound what a stop loses: output and checkpoints are committed per block.
     ds = ds.repartition(target_num_rows_per_block=cfg.resources.rows_per_block)
     ds = ds.map_batches(PreprocessStage, **preprocess_kwargs(cfg))
-    return ds.map_batches(GenerateStage, **generate_kwargs(cfg))
+    return ds.map_batches(generate_stage(cfg), **generate_kwargs(cfg))
 
 
 def local_cpus(cfg: Config) -> int:

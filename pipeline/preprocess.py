@@ -18,6 +18,7 @@ from .config import ColumnsConfig, Config
 from .engines.base import PreparedRequest
 from .families import FamilySpec, detect_family, family_spec, resolve_model_name
 from .images import ImageError, load_image
+from .vllm_inputs import encode_for_vllm
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,8 @@ class Preprocessor:
         self.processor = processor or load_processor(cfg)
         model_config = AutoConfig.from_pretrained(resolve_model_name(cfg.model.name), revision=cfg.model.revision)
         self.context_len = model_config.text_config.max_position_embeddings
+        if cfg.backend == "vllm":  # vLLM refuses longer prompts: reject them here, per row
+            self.context_len = min(self.context_len, cfg.vllm.max_model_len)
         self.image_token_id = model_config.image_token_index
         self.max_images = min(self.family.max_images_per_prompt, cfg.limits.max_images_per_row)
 
@@ -154,7 +157,10 @@ class Preprocessor:
             prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # the template's own raise_exception (e.g. an unsupported role order)
             raise RowError(f"messages: the chat template rejected the conversation: {e}") from None
-        request = self._encode(record.id, prompt, images)
+        if cfg.backend == "vllm":
+            request = encode_for_vllm(self, record.id, prompt, images)
+        else:
+            request = self._encode(record.id, prompt, images)
         self._check_length(request, max_new_tokens or cfg.generation.max_new_tokens)
         return request
 

@@ -8,6 +8,7 @@ its `error` through the model stage untouched.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -119,19 +120,28 @@ class PreprocessStage:
 class GenerateStage:
     """Model actor: prepared rows -> result rows, one per input row, in order."""
 
+    asynchronous = False
+
     def __init__(self, config: dict):
         from .engines import make_engine
 
         self.cfg = Config.model_validate(config)
-        self.engine = make_engine(self.cfg)
+        self.engine = make_engine(self.cfg, asynchronous=self.asynchronous)
+
+    def _requests(self, batch: pa.Table) -> tuple[list[dict], list[tuple[int, PreparedRequest]]]:
+        id_col = self.cfg.input.columns.id
+        rows = batch.to_pylist()
+        return rows, [(i, row_to_prepared(r, r[id_col])) for i, r in enumerate(rows) if r["error"] is None]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        rows, todo = self._requests(batch)
+        return self._table(batch, rows, todo, self.engine.generate([p for _, p in todo], self.cfg.generation))
+
+    def _table(self, batch: pa.Table, rows: list[dict], todo: list, generated: list[Result]) -> pa.Table:
         id_col = self.cfg.input.columns.id
         keep = _keep(self.cfg)
-        rows = batch.to_pylist()
-        todo = [(i, row_to_prepared(r, r[id_col])) for i, r in enumerate(rows) if r["error"] is None]
         results: list[Result | None] = [None] * len(rows)
-        for (i, _), res in zip(todo, self.engine.generate([p for _, p in todo], self.cfg.generation)):
+        for (i, _), res in zip(todo, generated):
             results[i] = res
         out = []
         for row, res in zip(rows, results):
@@ -151,6 +161,26 @@ class GenerateStage:
             )
         schema = pa.schema([batch.schema.field(k) for k in keep] + RESULT_FIELDS)
         return pa.Table.from_pylist(out, schema=schema)
+
+
+class AsyncGenerateStage(GenerateStage):
+    """vLLM: Ray Data runs up to `vllm.batches_in_flight` calls of this async __call__ at once per
+    actor (max_concurrency, as Ray's own ray.data.llm vLLM stage does); vLLM's continuous
+    batching overlaps the next batch's prefill with the last one's decode."""
+
+    asynchronous = True
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        from .engines.vllm_engine import EngineDead
+
+        rows, todo = self._requests(batch)
+        try:
+            generated = await self.engine.agenerate([p for _, p in todo], self.cfg.generation)
+        except EngineDead:
+            # A retried task would land on this same dead actor: exit so Ray Data restarts it.
+            logger.error("vLLM engine died; exiting so Ray Data restarts this actor")
+            os._exit(1)
+        return self._table(batch, rows, todo, generated)
 
 
 class DropRepeatedIds:
@@ -198,6 +228,19 @@ def preprocess_kwargs(cfg: Config) -> dict[str, Any]:
     return _actor_pool_kwargs(cfg, r.preprocess_batch_size, r.preprocess_actors, r.preprocess_cpus)
 
 
+def generate_stage(cfg: Config) -> type[GenerateStage]:
+    return AsyncGenerateStage if cfg.backend == "vllm" else GenerateStage
+
+
 def generate_kwargs(cfg: Config) -> dict[str, Any]:
     r = cfg.resources
-    return _actor_pool_kwargs(cfg, r.model_batch_size, r.model_actors, r.model_cpus, r.num_gpus_per_actor)
+    kwargs = _actor_pool_kwargs(cfg, r.model_batch_size, r.model_actors, r.model_cpus, r.num_gpus_per_actor)
+    if cfg.backend == "vllm":
+        n = cfg.vllm.batches_in_flight
+        if r.model_batch_size * n < cfg.vllm.max_num_seqs:
+            logger.warning(
+                "resources.model_batch_size %d x vllm.batches_in_flight %d < vllm.max_num_seqs %d: "
+                "the engine runs below capacity", r.model_batch_size, n, cfg.vllm.max_num_seqs,
+            )
+        kwargs["max_concurrency"] = n
+    return kwargs

@@ -6,11 +6,14 @@ record -> Preprocessor -> PreparedRequest -> Engine.generate -> Result
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+import logging
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
 from ..config import GenerationConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,3 +73,24 @@ def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """Cut `text` before the first stop string (OpenAI semantics: the stop is not returned)."""
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def failed(request: PreparedRequest, error: Exception) -> Result:
+    return Result.failed(request.id, f"engine: {type(error).__name__}: {error}", request.prompt_tokens, request.image_tokens)
+
+
+def generate_with_row_fallback(
+    run_batch: Callable[[list[PreparedRequest]], list[Result]], requests: list[PreparedRequest]
+) -> list[Result]:
+    """Run a batch; if it raises, retry row by row so one bad row (or a batch too big for
+    memory) fails alone with an `engine: ...` error instead of taking its batch with it."""
+    if not requests:
+        return []
+    try:
+        return run_batch(requests)
+    except Exception as e:
+        if len(requests) == 1:
+            logger.warning("row %r failed in the engine: %s", requests[0].id, e)
+            return [failed(requests[0], e)]
+        logger.warning("batch of %d failed (%s: %s); retrying row by row", len(requests), type(e).__name__, e)
+        return [res for r in requests for res in generate_with_row_fallback(run_batch, [r])]

@@ -11,7 +11,7 @@ import numpy as np
 from ..config import Config, GenerationConfig
 from ..families import resolve_model_name
 from ..preprocess import load_family, load_processor
-from .base import PreparedRequest, Result, truncate_at_stop
+from .base import PreparedRequest, Result, generate_with_row_fallback, truncate_at_stop
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,12 @@ class HFEngine:
         return inputs
 
     def _generate_kwargs(self, sampling: GenerationConfig) -> dict:
-        kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=self.pad_id, do_sample=not sampling.greedy)
+        kwargs = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            min_new_tokens=sampling.min_new_tokens,
+            pad_token_id=self.pad_id,
+            do_sample=not sampling.greedy,
+        )
         if sampling.greedy:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         else:
@@ -156,18 +161,7 @@ class HFEngine:
 
     # -- generation -----------------------------------------------------------------------------
     def generate(self, requests: list[PreparedRequest], sampling: GenerationConfig) -> list[Result]:
-        if not requests:
-            return []
-        try:
-            return self._generate_batch(requests, sampling)
-        except Exception as e:
-            if len(requests) == 1:
-                r = requests[0]
-                logger.warning("row %r failed in the engine: %s", r.id, e)
-                return [Result.failed(r.id, f"engine: {type(e).__name__}: {e}", r.prompt_tokens, r.image_tokens)]
-            # One bad row (or a batch too big for memory) must not fail the others: retry row by row.
-            logger.warning("batch of %d failed (%s: %s); retrying row by row", len(requests), type(e).__name__, e)
-            return [res for r in requests for res in self.generate([r], sampling)]
+        return generate_with_row_fallback(lambda batch: self._generate_batch(batch, sampling), requests)
 
     def _generate_batch(self, requests: list[PreparedRequest], sampling: GenerationConfig) -> list[Result]:
         import torch

@@ -1,0 +1,177 @@
+"""The vLLM backend's CPU half (no vLLM, no GPU): the working-size images vLLM gets, their token
+counts, the greedy answer they give, and the config checks and install hint."""
+
+import importlib.util
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import encode, resized
+from PIL import Image
+
+from pipeline.checks import check_environment, check_vllm_settings, vllm_model_facts
+from pipeline.config import load_config
+from pipeline.engines.hf import HFEngine
+from pipeline.preprocess import Preprocessor, Record, RowError
+from pipeline.vllm_inputs import encode_for_vllm, max_image_tokens, working_images
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_NEW = 16
+# (photo, height, width): large photos, both orientations, a thin strip, one already small.
+SIZES = [
+    ("astronaut", 1024, 768),
+    ("rocket", 768, 1024),
+    ("coffee", 1500, 2000),
+    ("chelsea", 900, 300),
+    ("astronaut", 300, 900),
+    ("camera", 1200, 1201),
+    ("coffee", 37, 1500),
+    ("chelsea", 240, 320),
+]
+
+
+def _cfg(ckpt, **extra):
+    return load_config({"model": {"name": ckpt}, "generation": {"max_new_tokens": MAX_NEW}, **extra})
+
+
+def _pil(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def _pixels(pre, image):
+    return pre.processor.image_processor(images=[image], do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"][0]
+
+
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_llava_next"])
+@pytest.mark.parametrize("name, h, w", SIZES)
+def test_working_image_gives_the_processor_the_same_pixels_and_tokens(request, family, name, h, w):
+    pre = Preprocessor(_cfg(request.getfixturevalue(family)))
+    original = _pil(resized(name, h, w))
+    prompt = "USER: <image>\nWhat is this? ASSISTANT:"
+    req = encode_for_vllm(pre, "r", prompt, [original])
+    [small] = req.images
+    assert small.dtype == np.uint8 and small.ndim == 3 and req.image_sizes == [small.shape[:2]]
+    if h * w > 1_000_000:  # large photos shrink to the working size: 3x fewer bytes or better
+        assert small.nbytes * 3 < h * w * 3
+
+    ours, theirs = _pixels(pre, Image.fromarray(small)), _pixels(pre, original)
+    if pre.family.name == "llava":  # the whole 336x336 input is bit-identical
+        np.testing.assert_array_equal(ours, theirs)
+    else:  # the grid tiles are bit-identical; the thumbnail is resampled from the working image
+        assert ours.shape == theirs.shape
+        np.testing.assert_array_equal(ours[1:], theirs[1:])
+        assert np.abs(ours[0].astype(int) - theirs[0].astype(int)).mean() < 1.0
+
+    # The token ids are the processor's own expansion, and the count is the original image's.
+    expected = pre.processor(images=[Image.fromarray(small)], text=prompt, return_tensors="np")["input_ids"][0]
+    np.testing.assert_array_equal(req.input_ids, expected)
+    full = pre.processor(images=[original], text=prompt, return_tensors="np")["input_ids"][0]
+    assert req.prompt_tokens == len(full)
+    assert req.image_tokens == int((full == pre.image_token_id).sum())
+
+
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_llava_next"])
+def test_downscaling_does_not_change_the_greedy_answer(request, family):
+    """transformers on the original photo vs on the image encode_for_vllm hands to vLLM."""
+    ckpt = request.getfixturevalue(family)
+    cfg = _cfg(ckpt)
+    pre, engine = Preprocessor(cfg), HFEngine(cfg)
+    originals, downscaled = [], []
+    for i, (name, h, w) in enumerate(SIZES):
+        data = resized(name, h, w)
+        [small] = working_images(pre, [_pil(data)])
+        prompt = f"Describe the {name}."
+        originals.append(pre.prepare(Record(id=i, images=[data], prompt=prompt)))
+        downscaled.append(pre.prepare(Record(id=i, images=[encode(small)], prompt=prompt)))  # PNG: lossless
+    a = engine.generate(originals, cfg.generation)
+    b = engine.generate(downscaled, cfg.generation)
+    for size, x, y in zip(SIZES, a, b):
+        assert x.error is None and x.completion_tokens > 0
+        assert (x.text, x.prompt_tokens, x.image_tokens) == (y.text, y.prompt_tokens, y.image_tokens), size
+    assert len({x.text for x in a}) > 1  # the answers depend on the image: the comparison means something
+
+
+def test_multi_image_row_counts_each_image(tiny_llava_next):
+    pre = Preprocessor(_cfg(tiny_llava_next))
+    images = [_pil(resized("chelsea", 300, 451)), _pil(resized("coffee", 1500, 2000))]
+    prompt = "[INST] <image>\n<image>\nCompare. [/INST]"
+    req = encode_for_vllm(pre, "pair", prompt, images)
+    expected = pre.processor(images=[Image.fromarray(a) for a in req.images], text=prompt, return_tensors="np")["input_ids"][0]
+    np.testing.assert_array_equal(req.input_ids, expected)
+    assert req.image_sizes == [(300, 451), req.images[1].shape[:2]] and req.images[1].shape[1] < 2000
+
+    with pytest.raises(RowError, match=r"prompt: 2 image placeholders for 1 image\(s\)"):
+        encode_for_vllm(pre, "x", prompt, images[:1])
+
+
+def test_max_image_tokens(tiny_llava, tiny_llava_next):
+    assert max_image_tokens(Preprocessor(_cfg(tiny_llava)).processor) == 576
+    # 576 (thumbnail) + 48x48 grid features + 48 row newlines for a 672x672 pinpoint.
+    assert max_image_tokens(Preprocessor(_cfg(tiny_llava_next)).processor) == 2928
+
+
+def _vllm_cfg(ckpt, **extra):
+    base = {"backend": "vllm", "resources": {"num_gpus_per_actor": 1}, "vllm": {"limit_mm_per_prompt": 4}}
+    for key, value in extra.items():
+        base[key] = {**base.get(key, {}), **value}
+    return _cfg(ckpt, **base)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"resources": {"num_gpus_per_actor": 0}},
+         "resources.num_gpus_per_actor: 0, but backend 'vllm' runs one engine per model actor on "
+         "vllm.tensor_parallel_size=1 whole GPU(s); set resources.num_gpus_per_actor=1"),
+        ({"vllm": {"limit_mm_per_prompt": 1}},
+         "vllm.limit_mm_per_prompt: 1, but rows may hold 4 images (llava_next, limits.max_images_per_row=4); "
+         "set vllm.limit_mm_per_prompt=4 or limits.max_images_per_row=1"),
+        ({"vllm": {"max_model_len": 8192}},
+         "vllm.max_model_len: 8192 exceeds the model's context of 4096 tokens; set vllm.max_model_len=4096 or less"),
+        ({"vllm": {"max_model_len": 2048}},
+         "vllm.max_model_len: 2048 cannot hold one llava_next image (2928 tokens at most) + "
+         "generation.max_new_tokens=16; set vllm.max_model_len to at least 2944 plus the prompt's text, "
+         "or lower generation.max_new_tokens"),
+    ],
+)
+def test_vllm_settings_that_cannot_work_are_one_line_errors(tiny_llava_next, extra, message):
+    cfg = _vllm_cfg(tiny_llava_next, **extra)
+    with pytest.raises(ValueError) as e:
+        check_vllm_settings(cfg, *vllm_model_facts(cfg))
+    assert str(e.value) == message
+
+
+def test_vllm_settings_that_fit_pass(tiny_llava, tiny_llava_next):
+    for cfg in (_vllm_cfg(tiny_llava_next), _vllm_cfg(tiny_llava, vllm={"limit_mm_per_prompt": 1})):
+        check_vllm_settings(cfg, *vllm_model_facts(cfg))
+
+
+needs_no_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+
+
+@needs_no_vllm
+def test_backend_vllm_without_vllm_names_what_to_install(tiny_llava, tmp_path):
+    cfg = _vllm_cfg(tiny_llava)
+    with pytest.raises(ValueError, match=r"^backend: 'vllm' needs the vllm extra: pip install 'llava-ray\[vllm\]'$"):
+        check_environment(cfg)
+
+    f = tmp_path / "job.yaml"
+    f.write_text(f"model: {{name: {tiny_llava}}}\n")
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline", "check-config", str(f), "--set", "backend=vllm"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode != 0
+    assert res.stderr.splitlines() == ["config error: backend: 'vllm' needs the vllm extra: pip install 'llava-ray[vllm]'"]
+
+
+@needs_no_vllm
+def test_importing_the_vllm_engine_needs_no_vllm():
+    from pipeline.engines import vllm_engine
+
+    assert vllm_engine.VLLMEngine and vllm_engine.VLLMAsyncEngine
+    with pytest.raises(ImportError):
+        vllm_engine.VLLMEngine(load_config({"model": {"name": "m"}, "backend": "vllm"}))
