@@ -94,7 +94,7 @@ def _demo(args) -> int:
 def _serve(args) -> int:
     from deployments.app import serve_local
 
-    serve_local(_load(args))
+    serve_local(_load(args), on_ready=lambda url: print(f"serving at {url}  (OpenAI base_url; Ctrl-C to stop)", flush=True))
     return 0
 
 

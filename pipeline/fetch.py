@@ -179,6 +179,7 @@ def _connect(target: Target, timeout: float) -> http.client.HTTPConnection:
 def _get(target: Target, deadline: float, max_bytes: int) -> tuple[bytes | None, str | None]:
     """One GET: (body, None), or (None, Location) for a redirect."""
     conn = _connect(target, max(deadline - time.monotonic(), 0.001))
+    sock = conn.sock  # the response owns it once headers are read (conn.sock may go None)
     try:
         conn.request("GET", target.path, headers={"Host": target.host_header, **_HEADERS})
         resp = conn.getresponse()
@@ -199,7 +200,7 @@ def _get(target: Target, deadline: float, max_bytes: int) -> tuple[bytes | None,
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
-            conn.sock.settimeout(remaining)
+            sock.settimeout(remaining)
             chunk = resp.read1(_CHUNK)
             if not chunk:
                 return b"".join(chunks), None

@@ -62,7 +62,7 @@ def test_http_is_off_by_default(server):
         ("10.1.2.3", "private"),
         ("192.168.0.1", "private"),
         ("100.100.100.200", "private"),  # Alibaba's metadata service, in carrier-grade NAT space
-        ("0.0.0.0", "private"),
+        ("0.0.0.0", "reserved"),  # "this host": reaches loopback on Linux
     ],
 )
 def test_non_public_addresses_are_refused_before_connecting(server, host, reason):
@@ -237,7 +237,7 @@ def https_server(tmp_path, monkeypatch):
     ctx.sni_callback = lambda sock, name, _: names.append(name)
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
     yield httpd.server_address[1], names
     httpd.shutdown()
     httpd.server_close()

@@ -1,0 +1,108 @@
+"""Ray Serve wiring, and the only module that calls `serve.deployment` / `.bind`.
+
+    serve run deployments.app:build_app config=configs/serve-tiny.yaml
+    # RayService: import_path deployments.app:build_app, args {config: ..., set: {...}}
+    llava-ray serve configs/serve-tiny.yaml      # -> serve_local
+
+Two deployments: `LlavaIngress` (CPU, FastAPI, Preprocessor) in front of `LlavaModel` (the
+Engine, on a GPU when configured). Replica counts, queue limits and resources come from the
+config's `serve` and `resources` sections.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from ray import serve
+from ray.serve import Application
+
+from pipeline.checks import check_environment
+from pipeline.config import Config, ServeConfig, load_config
+
+from .model import LlavaModelServer
+from .serving import LlavaIngressServer, api
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "llava"
+
+LlavaModel = serve.deployment(name="LlavaModel")(LlavaModelServer)
+LlavaIngress = serve.deployment(name="LlavaIngress")(serve.ingress(api)(LlavaIngressServer))
+
+
+def ingress_max_ongoing(s: ServeConfig) -> int:
+    """The ingress only parses and awaits, so it admits twice what the model replicas can hold
+    plus queue: overload then shows as the model handle's backpressure (our JSON 503) instead of
+    a silent queue in front of the ingress."""
+    replicas = s.num_replicas or s.autoscaling.max_replicas
+    capacity = s.max_ongoing_requests * replicas
+    queued = s.max_queued_requests if s.max_queued_requests >= 0 else capacity
+    return 2 * (capacity + queued)
+
+
+def model_options(cfg: Config) -> dict[str, Any]:
+    s = cfg.serve
+    options: dict[str, Any] = {
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued_requests,
+        "ray_actor_options": {"num_cpus": cfg.resources.model_cpus, "num_gpus": cfg.resources.num_gpus_per_actor},
+    }
+    if s.num_replicas is not None:
+        options["num_replicas"] = s.num_replicas
+    else:
+        options["autoscaling_config"] = s.autoscaling.model_dump()
+    return options
+
+
+def ingress_options(cfg: Config) -> dict[str, Any]:
+    return {
+        "num_replicas": cfg.serve.ingress_replicas,
+        "max_ongoing_requests": ingress_max_ongoing(cfg.serve),
+        "ray_actor_options": {"num_cpus": cfg.serve.ingress_cpus},
+    }
+
+
+def build(cfg: Config) -> Application:
+    check_environment(cfg)
+    model = LlavaModel.options(**model_options(cfg)).bind(cfg)
+    return LlavaIngress.options(**ingress_options(cfg)).bind(cfg, model)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve's application builder. args: {"config": "<YAML path>", "set": {"dotted.key": value}}
+    ("set" optional; a list of "key=value" strings works too)."""
+    if "config" not in args:
+        raise ValueError("build_app: pass the config path, e.g. `serve run deployments.app:build_app config=configs/serve-tiny.yaml`")
+    return build(load_config(args["config"], overrides=args.get("set")))
+
+
+def serve_local(cfg: Config, *, blocking: bool = True, on_ready: Callable[[str], None] | None = None) -> str:
+    """Run the app on this machine's Ray (started here if none is running) at serve.host:port.
+
+    Calls `on_ready(url)` once the app answers, with url = http://host:port/v1; then, when
+    `blocking`, serves until Ctrl-C and shuts Serve (and a Ray it started) down. Returns the url.
+    """
+    import ray
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init()
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(build(cfg), name=APP_NAME, route_prefix="/")
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
+    logger.info("serving %s at %s", cfg.serve.served_model_name or cfg.model.name, url)
+    if on_ready is not None:
+        on_ready(url)
+    if blocking:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            logger.info("stopping")
+        finally:
+            serve.shutdown()
+            if started_ray:
+                ray.shutdown()
+    return url

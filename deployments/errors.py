@@ -1,0 +1,69 @@
+"""Every error the endpoint answers, in OpenAI's shape: {"error": {message, type, param, code}}.
+
+`APIError` carries a status and the body fields; `to_api_error` maps the pipeline's own
+exceptions (bad image, bad conversation, prompt too long, schema errors, Serve backpressure)
+to one, so each failure has exactly one status and type wherever it is raised.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from ray.serve.exceptions import BackPressureError
+
+from pipeline.images import ImageError
+from pipeline.preprocess import RowError
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def validation_error(err: ValidationError) -> APIError:
+    """422 naming the first bad field as a dotted path (messages.0.content), as `param`."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    message = f"{loc}: {first['msg']}{more}" if loc else f"{first['msg']}{more}"
+    return APIError(422, message, param=loc or None, code="invalid_value")
+
+
+def to_api_error(exc: Exception) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ImageError):
+        return APIError(400, str(exc), param="messages", code="invalid_image")
+    if isinstance(exc, RowError):
+        too_long = str(exc).startswith("prompt:")
+        return APIError(400, str(exc), param="messages", code="context_length_exceeded" if too_long else None)
+    if isinstance(exc, ValidationError):
+        return validation_error(exc)
+    if isinstance(exc, BackPressureError):
+        return APIError(
+            503, "the model is overloaded (its request queue is full); retry shortly",
+            type="server_error", code="overloaded", headers={"Retry-After": "1"},
+        )
+    logger.exception("unexpected error serving a request")
+    return APIError(500, f"internal error ({type(exc).__name__}); see the server log", type="server_error")

@@ -1,0 +1,212 @@
+"""The ingress: OpenAI HTTP in, Preprocessor on CPU, the model deployment, OpenAI JSON or SSE out.
+
+The same `Preprocessor` as the offline job turns a request into a `PreparedRequest`
+(`local_ok=False`: only data: and guarded http(s) image URLs), so one image and prompt get the
+same answer here and in a job. Every failure leaves through `errors.to_api_error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipeline.config import Config
+from pipeline.engines.base import PreparedRequest, Result
+from pipeline.preprocess import Preprocessor
+
+from .errors import APIError, to_api_error
+from .protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    Delta,
+    ModelCard,
+    ModelList,
+    Usage,
+    completion_id,
+)
+
+logger = logging.getLogger(__name__)
+
+api = FastAPI(title="llava-ray", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and methods get OpenAI's error shape too."""
+    return APIError(exc.status_code, str(exc.detail), code=None).response()
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+class LlavaIngressServer:
+    """The `LlavaIngress` replica's state and handlers; `model` is the LlavaModel handle.
+
+    Routes below are plain functions that get this object from the replica context (Serve's
+    class-based views rewrite methods only in the process that applies `serve.ingress`).
+    """
+
+    def __init__(self, cfg: Config, model):
+        self.cfg = cfg
+        self.model = model
+        self.served_name = cfg.serve.served_model_name or cfg.model.name
+        self.api_key = cfg.serve.resolved_api_key()
+        self.preprocessor = Preprocessor(cfg, local_ok=False)
+        # Decoding and http(s) fetches block: run them off the event loop, fetch.concurrency at a time.
+        self.pool = ThreadPoolExecutor(cfg.fetch.concurrency, thread_name_prefix="preprocess")
+        logger.info("ingress ready for %s (api key %s)", self.served_name, "on" if self.api_key else "off")
+
+    async def answer(self, request: Request, handler, *args) -> Response:
+        """Authorize, run `handler`, and turn any failure into OpenAI's error JSON."""
+        try:
+            self._authorize(request)
+            return await handler(*args)
+        except Exception as e:
+            return to_api_error(e).response()
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(
+                401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "incorrect API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    async def models(self) -> Response:
+        return JSONResponse(ModelList(data=[ModelCard(id=self.served_name)]).model_dump())
+
+    async def model_card(self, model_id: str) -> Response:
+        self._check_model(model_id)
+        return JSONResponse(ModelCard(id=self.served_name).model_dump())
+
+    async def batch_stats(self) -> Response:
+        return JSONResponse(await self.model.batch_stats.remote())
+
+    def _check_model(self, name: str) -> None:
+        if name != self.served_name:
+            raise APIError(
+                404, f"the model {name!r} does not exist; this endpoint serves {self.served_name!r}",
+                param="model", code="model_not_found",
+            )
+
+    async def _read_json(self, request: Request) -> Any:
+        limit = self.cfg.serve.max_body_bytes
+        too_big = APIError(413, f"request body exceeds serve.max_body_bytes={limit}", code="request_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_big
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_big
+        try:
+            return json.loads(body)
+        except json.JSONDecodeError as e:
+            raise APIError(400, f"request body is not valid JSON: {e.msg} at char {e.pos}", code="invalid_json") from None
+        except UnicodeDecodeError:
+            raise APIError(400, "request body is not valid JSON: not UTF-8", code="invalid_json") from None
+
+    async def chat(self, request: Request) -> Response:
+        req = ChatCompletionRequest.model_validate(await self._read_json(request))
+        self._check_model(req.model)
+        sampling = req.to_generation(self.cfg.generation)
+        request_id = completion_id()
+        prepared: PreparedRequest = await asyncio.get_running_loop().run_in_executor(
+            self.pool, self.preprocessor.prepare, req.to_record(request_id), sampling.max_new_tokens
+        )
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return await self._stream(request_id, prepared, sampling, include_usage)
+        result: Result = await self.model.generate.remote(prepared, sampling)
+        if result.error:
+            raise APIError(500, result.error, type="server_error")
+        return JSONResponse(ChatCompletion.of(request_id, self.served_name, result).model_dump())
+
+    async def _stream(self, request_id: str, prepared: PreparedRequest, sampling, include_usage: bool) -> Response:
+        deltas = self.model.options(stream=True).stream.remote(prepared, sampling)
+        # Pull the first item before answering 200, so an overloaded model is a 503, not a broken stream.
+        first = await deltas.__anext__()
+        return StreamingResponse(
+            self._events(request_id, first, deltas, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _events(self, request_id: str, first, deltas, include_usage: bool) -> AsyncIterator[str]:
+        """OpenAI's chunk sequence: role, content deltas, finish_reason, [usage], [DONE]."""
+
+        def chunk(delta: Delta, finish_reason: str | None = None) -> str:
+            choice = ChunkChoice(delta=delta, finish_reason=finish_reason)
+            return _sse(ChatCompletionChunk(id=request_id, model=self.served_name, choices=[choice]).model_dump())
+
+        try:
+            yield chunk(Delta(role="assistant", content=""))
+            async for item in _chain(first, deltas):  # text deltas, then the request's Result
+                if isinstance(item, Result):
+                    result = item
+                elif item:
+                    yield chunk(Delta(content=item))
+            if result.error:
+                raise APIError(500, result.error, type="server_error")
+            yield chunk(Delta(), result.finish_reason)
+            if include_usage:
+                usage = ChatCompletionChunk(id=request_id, model=self.served_name, choices=[], usage=Usage.of(result))
+                yield _sse(usage.model_dump())
+        except Exception as e:  # headers are sent: the error travels as an event
+            yield _sse(to_api_error(e).body())
+        finally:
+            deltas.cancel()
+        yield _sse("[DONE]")
+
+
+def _server() -> LlavaIngressServer:
+    return serve.get_replica_context().servable_object
+
+
+@api.get("/health")
+async def health(server: LlavaIngressServer = Depends(_server)) -> dict[str, str]:
+    return {"status": "ok", "model": server.served_name}
+
+
+@api.get("/v1/models")
+async def list_models(request: Request, server: LlavaIngressServer = Depends(_server)) -> Response:
+    return await server.answer(request, server.models)
+
+
+@api.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request, server: LlavaIngressServer = Depends(_server)) -> Response:
+    return await server.answer(request, server.model_card, model_id)
+
+
+@api.get("/metrics/batches")
+async def batches(request: Request, server: LlavaIngressServer = Depends(_server)) -> Response:
+    """Batch sizes seen by the model replica that answers (with one replica: all of them)."""
+    return await server.answer(request, server.batch_stats)
+
+
+@api.post("/v1/chat/completions")
+async def chat_completions(request: Request, server: LlavaIngressServer = Depends(_server)) -> Response:
+    return await server.answer(request, server.chat, request)

@@ -1,0 +1,381 @@
+"""The OpenAI-compatible endpoint, live on 127.0.0.1: parity with the offline job and with
+transformers, batching, errors, SSRF refusals and the API key, through the official client."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from conftest import encode, photo, read_output, reference_text, resized, write_parquet
+from image_server import ImageServer
+
+from pipeline.config import load_config
+
+pytestmark = pytest.mark.slow
+MAX_NEW = 24
+KEY = "test-key-123"
+MODEL = "llava-tiny"  # serve.served_model_name
+SERVE_CONFIG = "configs/serve-tiny.yaml"
+DEFAULT_PROMPT = load_config(SERVE_CONFIG).prompt.default
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def user(image_url: str, text: str) -> dict:
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": text}]}
+
+
+ASTRONAUT = encode(photo("astronaut"))
+CHELSEA = resized("chelsea", 300, 451)
+COFFEE = resized("coffee", 400, 600, "PNG")
+CHAT_TURNS = [("What is this?", "A cat sitting on a table."), ("What color is it?", None)]
+
+
+def chat_messages(image_url: str) -> list[dict]:
+    (q1, a1), (q2, _) = CHAT_TURNS
+    return [user(image_url, q1), {"role": "assistant", "content": a1}, {"role": "user", "content": q2}]
+
+
+@pytest.fixture(scope="module")
+def job_out(ray_local, tiny_llava, tmp_path_factory):
+    """The offline job's answers for the parity cases (run before Serve takes its CPUs)."""
+    from pipeline.job import run_job
+
+    tmp = tmp_path_factory.mktemp("serve-job")
+    chat = json.dumps(
+        [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CHAT_TURNS[0][0]}]},
+            {"role": "assistant", "content": CHAT_TURNS[0][1]},
+            {"role": "user", "content": CHAT_TURNS[1][0]},
+        ]
+    )
+    rows = [
+        {"id": "astronaut", "image": ASTRONAUT, "image_path": None, "prompt": "What is the person wearing?", "messages": None},
+        {"id": "chelsea", "image": CHELSEA, "image_path": None, "prompt": None, "messages": None},
+        {"id": "chat", "image": COFFEE, "image_path": None, "prompt": None, "messages": chat},
+    ]
+    cfg = load_config(
+        {
+            "model": {"name": tiny_llava},
+            "generation": {"max_new_tokens": MAX_NEW},
+            "input": {"path": write_parquet(tmp / "in.parquet", rows)},
+            "output": {"path": str(tmp / "out")},
+        }
+    )
+    run_job(cfg)
+    return read_output(cfg.output.path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(job_out, tiny_llava):
+    """serve-tiny.yaml on the test checkpoint, with a key, tight limits, and http fetching on
+    for 127.0.0.2 only (127.0.0.1 and every other private address stay refused)."""
+    from ray import serve
+
+    from deployments.app import serve_local
+
+    cfg = load_config(
+        SERVE_CONFIG,
+        overrides={
+            "model.name": tiny_llava,
+            "generation.max_new_tokens": MAX_NEW,
+            "serve.port": _free_port(),
+            "serve.served_model_name": MODEL,
+            "serve.api_key": KEY,
+            "serve.max_ongoing_requests": 8,
+            "serve.max_queued_requests": 8,
+            "serve.max_body_bytes": 2_000_000,
+            "limits.max_image_bytes": 1_000_000,
+            "limits.max_pixels": 4_000_000,
+            "fetch.allow_http": True,
+            "fetch.allowed_private_hosts": ["127.0.0.2"],
+            "fetch.retries": 0,
+            "fetch.timeout_s": 3,
+        },
+    )
+    url = serve_local(cfg, blocking=False)
+    yield url
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(app) -> openai.OpenAI:
+    return openai.OpenAI(base_url=app, api_key=KEY, max_retries=0, timeout=60)
+
+
+def ask(client, messages, **kw) -> openai.types.chat.ChatCompletion:
+    return client.chat.completions.create(model=MODEL, messages=messages, **{"temperature": 0, **kw})
+
+
+def ask_streaming(client, messages, **kw) -> tuple[str, list]:
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, temperature=0, stream=True, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks
+
+
+def post(app: str, body, key: str | None = KEY, **kw) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, (bytes, str)):
+        return httpx.post(f"{app}/chat/completions", content=body, headers=headers, timeout=60, **kw)
+    return httpx.post(f"{app}/chat/completions", json=body, headers=headers, timeout=60, **kw)
+
+
+def test_health_models_and_unknown_model(app, client):
+    assert httpx.get(app.removesuffix("/v1") + "/health").json() == {"status": "ok", "model": MODEL}
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=[user(data_uri(ASTRONAUT), "Hi")])
+    assert e.value.body == {
+        "message": f"the model 'gpt-4o' does not exist; this endpoint serves {MODEL!r}",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
+
+
+@pytest.mark.parametrize(
+    "case, messages, text_prompt",
+    [
+        ("astronaut", [user(data_uri(ASTRONAUT), "What is the person wearing?")], "What is the person wearing?"),
+        ("chelsea", [user(data_uri(CHELSEA, "image/jpeg"), DEFAULT_PROMPT)], DEFAULT_PROMPT),
+        ("chat", chat_messages(data_uri(COFFEE)), None),
+    ],
+)
+def test_answers_equal_the_offline_job_and_transformers(client, job_out, tiny_llava, case, messages, text_prompt):
+    answer = ask(client, messages, max_tokens=MAX_NEW)
+    streamed, chunks = ask_streaming(client, messages, max_tokens=MAX_NEW, stream_options={"include_usage": True})
+    row = job_out[case]
+
+    text = answer.choices[0].message.content
+    assert row["error"] is None
+    assert text == streamed == row["text"]
+    if text_prompt is not None:  # the reference helper takes one user turn
+        assert text == reference_text(tiny_llava, [{"astronaut": ASTRONAUT, "chelsea": CHELSEA}[case]], text_prompt, MAX_NEW)
+    assert answer.choices[0].finish_reason == row["finish_reason"] == chunks[-2].choices[0].finish_reason
+    assert answer.usage.prompt_tokens == row["prompt_tokens"] == chunks[-1].usage.prompt_tokens
+    assert answer.usage.completion_tokens == row["completion_tokens"] == chunks[-1].usage.completion_tokens
+    assert answer.usage.total_tokens == row["prompt_tokens"] + row["completion_tokens"]
+    assert answer.model == MODEL and answer.object == "chat.completion"
+
+
+def test_sse_stream_shape(app):
+    body = {"model": MODEL, "messages": [user(data_uri(ASTRONAUT), "Hi")], "stream": True, "max_tokens": 5}
+    with httpx.stream("POST", f"{app}/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert sum(1 for c in chunks[1:-1] if c["choices"][0]["delta"]["content"]) >= 2  # text arrives in pieces
+
+
+def test_a_dropped_stream_stops_its_generation(client):
+    """A client that goes away mid-stream frees the model at once: the engine runs one
+    generation at a time, so a short request right after would otherwise wait for the long one."""
+    messages = [user(data_uri(ASTRONAUT), "Describe it.")]
+    start = time.perf_counter()
+    assert ask(client, messages, max_tokens=2000).usage.completion_tokens == 2000
+    full = time.perf_counter() - start
+    with client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2000, temperature=0, stream=True) as stream:
+        events = iter(stream)
+        next(events), next(events)
+    start = time.perf_counter()
+    assert ask(client, messages, max_tokens=2).usage.completion_tokens == 2
+    assert time.perf_counter() - start < full / 3
+
+
+def test_sampling_parameters(client):
+    messages = [user(data_uri(ASTRONAUT), "Describe it.")]
+    greedy = ask(client, messages, max_tokens=MAX_NEW).choices[0].message.content
+    # stop: the answer ends before the first occurrence of the stop string, and says so.
+    stop = greedy[len(greedy) // 2 : len(greedy) // 2 + 3]
+    cut = ask(client, messages, max_tokens=MAX_NEW, stop=[stop])
+    assert cut.choices[0].message.content == greedy[: greedy.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    assert ask_streaming(client, messages, max_tokens=MAX_NEW, stop=stop)[0] == greedy[: greedy.index(stop)]
+    # max_completion_tokens wins over max_tokens, and is honoured exactly.
+    short = ask(client, messages, max_tokens=MAX_NEW, max_completion_tokens=3)
+    assert (short.usage.completion_tokens, short.choices[0].finish_reason) == (3, "length")
+    # a seed makes sampling reproducible.
+    sampled = [
+        ask(client, messages, temperature=1.5, top_p=0.95, seed=7, max_tokens=MAX_NEW).choices[0].message.content
+        for _ in range(2)
+    ]
+    assert sampled[0] == sampled[1]
+
+
+def test_16_concurrent_requests_are_answered_in_batches(app, client):
+    images = [ASTRONAUT, CHELSEA, COFFEE, resized("rocket", 427, 640)]
+    prompts = ["What is this?", "Describe the picture.", "What color is the sky?", "How many people are there?"]
+    requests = [[user(data_uri(images[i % 4]), prompts[i // 4])] for i in range(16)]
+    alone = [ask(client, m, max_tokens=MAX_NEW).choices[0].message.content for m in requests]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    before = httpx.get(app.removesuffix("/v1") + "/metrics/batches", headers=headers).json()
+
+    async def together():
+        aclient = openai.AsyncOpenAI(base_url=app, api_key=KEY, max_retries=0, timeout=120)
+        return await asyncio.gather(
+            *(aclient.chat.completions.create(model=MODEL, messages=m, temperature=0, max_tokens=MAX_NEW) for m in requests)
+        )
+
+    answers = asyncio.run(together())
+    after = httpx.get(app.removesuffix("/v1") + "/metrics/batches", headers=headers).json()
+
+    assert [a.choices[0].message.content for a in answers] == alone
+    sizes = {int(k): v - before["batch_sizes"].get(k, 0) for k, v in after["batch_sizes"].items()}
+    assert after["requests"] - before["requests"] == 16
+    assert max(k for k, v in sizes.items() if v > 0) > 1, sizes
+
+
+BIG_NOISE = encode(np.random.default_rng(0).integers(0, 255, (700, 700, 3), dtype=np.uint8))  # ~1.5 MB of PNG
+FLAT_9MP = encode(np.zeros((3000, 3000, 3), np.uint8))  # 9 megapixels in a few KiB
+
+
+@pytest.mark.parametrize(
+    "body, status, message, param, code",
+    [
+        (b"{not json", 400, "request body is not valid JSON: Expecting property name enclosed in double quotes at char 1", None, "invalid_json"),
+        ({"model": "M"}, 422, "messages: Field required", "messages", "invalid_value"),
+        ({"model": "M", "messages": [user(data_uri(ASTRONAUT), "Hi")], "temperature": 5}, 422,
+         "temperature: Input should be less than or equal to 2", "temperature", "invalid_value"),
+        ({"model": "M", "messages": [user(data_uri(ASTRONAUT), "Hi")], "n": 2}, 422,
+         "n: Value error, only n=1 is supported, got 2", "n", "invalid_value"),
+        ({"model": "M", "messages": [{"role": "user", "content": "Hi, no image"}]}, 400,
+         "image: the row has no image", "messages", "invalid_image"),
+        ({"model": "M", "messages": [user("data:image/png;base64,!!!notbase64", "Hi")]}, 400,
+         "image: invalid base64 in data: URI", "messages", "invalid_image"),
+        ({"model": "M", "messages": [user(data_uri(b"plain text, not an image"), "Hi")]}, 400,
+         "image: cannot identify image file", "messages", "invalid_image"),
+        ({"model": "M", "messages": [user(data_uri(BIG_NOISE), "Hi")]}, 400,
+         "image: data: URI exceeds limits.max_image_bytes=1000000", "messages", "invalid_image"),
+        ({"model": "M", "messages": [user(data_uri(FLAT_9MP), "Hi")]}, 400,
+         "image: 3000x3000 exceeds limits.max_pixels=4000000", "messages", "invalid_image"),
+        ({"model": "M", "messages": [user("/etc/passwd", "Hi")]}, 400,
+         "image: only data: and http(s):// image URLs are accepted, got '/etc/passwd'", "messages", "invalid_image"),
+        ({"model": "M", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_uri(ASTRONAUT)}},
+            {"type": "image_url", "image_url": {"url": data_uri(COFFEE)}}, {"type": "text", "text": "Compare."}]}]}, 400,
+         "image: 2 images in one row; llava takes at most 1 (limits.max_images_per_row=4)", "messages", "invalid_image"),
+        ({"model": "M", "messages": [user(data_uri(COFFEE), "coffee " * 3600)]}, 400,
+         "prompt: ", "messages", "context_length_exceeded"),
+        (b"x" * 2_000_001, 413, "request body exceeds serve.max_body_bytes=2000000", None, "request_too_large"),
+    ],
+    ids=["not-json", "no-messages", "temperature", "n", "no-image", "bad-base64", "not-an-image", "too-many-bytes",
+         "too-many-pixels", "local-path", "two-images", "too-long", "body-too-big"],
+)
+def test_bad_requests_get_openai_errors_and_the_replica_keeps_serving(app, client, body, status, message, param, code):
+    r = post(app, {**body, "model": MODEL} if isinstance(body, dict) else body)
+    error = r.json()["error"]
+    assert r.status_code == status
+    assert error["message"].startswith(message) if message == "prompt: " else error["message"] == message
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
+    assert ask(client, [user(data_uri(ASTRONAUT), "Still there?")], max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_errors_surface_as_the_client_exceptions(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, [user("data:image/png;base64,AAAA", "Hi")])
+    assert e.value.status_code == 400 and e.value.code == "invalid_image"
+    with pytest.raises(openai.UnprocessableEntityError):
+        ask(client, [user(data_uri(ASTRONAUT), "Hi")], top_p=0)
+
+
+def test_api_key_is_required(app):
+    body = {"model": "M", "messages": [user(data_uri(ASTRONAUT), "Hi")]}
+    missing, wrong = post(app, body, key=None), post(app, body, key="wrong")
+    assert (missing.status_code, wrong.status_code) == (401, 401)
+    assert missing.json()["error"] == {
+        "message": "missing API key: send the header 'Authorization: Bearer <key>'",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_api_key",
+    }
+    assert wrong.json()["error"]["message"] == "incorrect API key"
+    assert httpx.get(f"{app}/models").status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=app, api_key="wrong", max_retries=0).models.list()
+
+
+@pytest.fixture(scope="module")
+def image_hosts():
+    """127.0.0.1 (refused by the app) and 127.0.0.2 (listed in fetch.allowed_private_hosts)."""
+    with ImageServer("127.0.0.1") as private, ImageServer("127.0.0.2") as allowed:
+        private.add("/img.png", ASTRONAUT)
+        allowed.add("/img.png", ASTRONAUT)
+        yield private, allowed
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("{private}/img.png", "image: refused 127.0.0.1 (127.0.0.1): loopback addresses are not fetched; "
+                              "list the host in fetch.allowed_private_hosts to allow it"),
+        ("http://169.254.169.254/latest/meta-data/", "image: refused 169.254.169.254 (169.254.169.254): link-local "
+                                                    "(cloud metadata) addresses are not fetched; list the host in "
+                                                    "fetch.allowed_private_hosts to allow it"),
+        ("file:///etc/passwd", "image: only data: and http(s):// image URLs are accepted, got 'file:///etc/passwd'"),
+        ("{allowed}/to-private", "image: refused 127.0.0.1 (127.0.0.1): loopback addresses are not fetched; "
+                                 "list the host in fetch.allowed_private_hosts to allow it"),
+        ("{allowed}/to-metadata", "image: refused 169.254.169.254 (169.254.169.254): link-local (cloud metadata) "
+                                  "addresses are not fetched; list the host in fetch.allowed_private_hosts to allow it"),
+    ],
+    ids=["loopback", "metadata", "file", "redirect-to-loopback", "redirect-to-metadata"],
+)
+def test_image_urls_to_private_addresses_are_refused(client, image_hosts, url, message):
+    private, allowed = image_hosts
+    allowed.redirect("/to-private", private.url("/img.png"))
+    allowed.redirect("/to-metadata", "http://169.254.169.254/latest/meta-data/")
+    seen_before = len(private.seen)
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client, [user(url.format(private=private.url(""), allowed=allowed.url("")), "Hi")])
+    assert e.value.body["message"] == message
+    assert len(private.seen) == seen_before  # nothing reached the refused server
+
+
+def test_image_url_on_an_allowed_host_is_fetched(client, image_hosts):
+    _, allowed = image_hosts
+    fetched = ask(client, [user(allowed.url("/img.png"), "What is this?")], max_tokens=MAX_NEW)
+    inline = ask(client, [user(data_uri(ASTRONAUT), "What is this?")], max_tokens=MAX_NEW)
+    assert fetched.choices[0].message.content == inline.choices[0].message.content
+    assert ("/img.png", f"127.0.0.2:{allowed.port}") in allowed.seen
+
+
+def test_overload_is_a_503_in_openai_shape_and_service_resumes(app, client):
+    """8 ongoing + 8 queued at the model; 48 at once must overflow it."""
+    messages = [user(data_uri(ASTRONAUT), "Describe it.")]
+
+    async def flood():
+        async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as h:
+            body = {"model": MODEL, "messages": messages, "max_tokens": 64}
+            return await asyncio.gather(*(h.post(f"{app}/chat/completions", json=body) for _ in range(48)))
+
+    responses = asyncio.run(flood())
+    statuses = sorted({r.status_code for r in responses})
+    assert statuses == [200, 503], statuses
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert rejected.headers["retry-after"] == "1"
+    assert rejected.json()["error"] == {
+        "message": "the model is overloaded (its request queue is full); retry shortly",
+        "type": "server_error",
+        "param": None,
+        "code": "overloaded",
+    }
+    assert ask(client, messages, max_tokens=2).choices[0].finish_reason == "length"

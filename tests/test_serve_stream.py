@@ -1,0 +1,63 @@
+"""HFEngine.stream, the endpoint's streaming source, against HFEngine.generate (no Ray)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import encode, photo, resized
+
+from pipeline.config import load_config
+from pipeline.engines.base import Result
+from pipeline.engines.hf import HFEngine
+from pipeline.preprocess import Preprocessor, Record
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llava):
+    cfg = load_config({"model": {"name": tiny_llava}, "generation": {"max_new_tokens": 40}})
+    pre = Preprocessor(cfg)
+    requests = [
+        pre.prepare(Record(id="a", images=[encode(photo("astronaut"))], prompt="What is this?")),
+        pre.prepare(Record(id="b", images=[resized("rocket", 427, 640)], prompt="Describe the picture.")),
+    ]
+    return cfg, HFEngine(cfg), requests
+
+
+def _collect(engine, request, sampling) -> tuple[list[str], Result]:
+    items = list(engine.stream(request, sampling))
+    assert all(isinstance(i, str) for i in items[:-1]) and isinstance(items[-1], Result)
+    return items[:-1], items[-1]
+
+
+def test_deltas_join_to_generate_text_and_end_with_its_result(setup):
+    cfg, engine, requests = setup
+    for request in requests:
+        [expected] = engine.generate([request], cfg.generation)
+        deltas, result = _collect(engine, request, cfg.generation)
+        assert "".join(deltas) == expected.text and result == expected
+        assert len(deltas) > 3 and all(deltas)  # text arrives in pieces, no empty events
+
+
+def test_stop_strings_are_never_streamed(setup):
+    cfg, engine, requests = setup
+    full = engine.generate(requests[:1], cfg.generation)[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    sampling = cfg.generation.model_copy(update={"stop": [stop, "never-appears"]})
+    [expected] = engine.generate(requests[:1], sampling)
+    deltas, result = _collect(engine, requests[0], sampling)
+    assert "".join(deltas) == expected.text == full[: full.index(stop)]
+    assert result == expected and result.finish_reason == "stop"
+
+
+def test_closing_the_stream_early_frees_the_engine(setup):
+    cfg, engine, requests = setup
+    sampling = cfg.generation.model_copy(update={"max_new_tokens": 1500})
+    start = time.perf_counter()
+    engine.generate(requests[:1], sampling)
+    full = time.perf_counter() - start
+    stream = engine.stream(requests[0], sampling)
+    next(stream), next(stream)
+    start = time.perf_counter()
+    stream.close()  # returns once the generate thread has stopped
+    assert time.perf_counter() - start < full / 3
