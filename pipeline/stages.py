@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 PREPARED_FIELDS = [
     pa.field("_prompt", pa.string()),
-    pa.field("_input_ids", pa.large_binary()),  # int32
+    pa.field("_input_ids", pa.large_binary()),  # int32 run values: the image-token runs collapse
+    pa.field("_input_id_runs", pa.large_binary()),  # int32 run lengths
     pa.field("_image_tokens", pa.int32()),
     pa.field("_tiles", pa.large_binary()),  # uint8 [total_tiles, 3, H, W]
     pa.field("_tiles_shape", pa.list_(pa.int32())),
@@ -48,11 +49,19 @@ def _keep(cfg: Config) -> list[str]:
     return [cfg.input.columns.id, *cfg.input.passthrough]
 
 
+def _runs(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Run-length encode token ids: each image is hundreds to thousands of one repeated id."""
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    return ids[starts].astype(np.int32), np.diff(np.r_[starts, len(ids)]).astype(np.int32)
+
+
 def prepared_to_row(req: PreparedRequest) -> dict[str, Any]:
     tiles = req.tiles if req.tiles is not None else np.zeros((0,), np.uint8)
+    values, lengths = _runs(req.input_ids)
     return {
         "_prompt": req.prompt,
-        "_input_ids": req.input_ids.astype(np.int32).tobytes(),
+        "_input_ids": values.tobytes(),
+        "_input_id_runs": lengths.tobytes(),
         "_image_tokens": req.image_tokens,
         "_tiles": tiles.tobytes(),
         "_tiles_shape": list(tiles.shape),
@@ -72,7 +81,7 @@ def row_to_prepared(row: dict[str, Any], request_id: Any) -> PreparedRequest:
     return PreparedRequest(
         id=request_id,
         prompt=row["_prompt"],
-        input_ids=np.frombuffer(row["_input_ids"], np.int32),
+        input_ids=np.repeat(np.frombuffer(row["_input_ids"], np.int32), np.frombuffer(row["_input_id_runs"], np.int32)),
         image_tokens=row["_image_tokens"],
         tiles=tiles,
         tiles_per_image=list(row["_tiles_per_image"]),
