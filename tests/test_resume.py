@@ -43,6 +43,21 @@ def _committed_ids(cfg) -> set:
     return {v for p in files for v in pq.read_table(p).column("id").to_pylist()}
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant together (Ray's raylet and GCS start sessions of
+    their own, so a process-group kill alone leaves workers that can still commit a block)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
 def test_stopped_job_resumes_where_it_stopped(ray_local, tiny_llava, tmp_path):
     path, cfg = _config(tiny_llava, tmp_path, 48)
     proc = subprocess.Popen(
@@ -52,7 +67,7 @@ def test_stopped_job_resumes_where_it_stopped(ray_local, tiny_llava, tmp_path):
     deadline = time.monotonic() + 240
     while len(_committed_ids(cfg)) < 8 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, like a lost pod
+    _kill_tree(proc.pid)  # the driver and the whole Ray it started, at once, like a lost pod
     proc.wait()
     done = _committed_ids(cfg)
     assert 8 <= len(done) < 48, "the stop should land mid-job"

@@ -64,8 +64,8 @@ class Engine(Protocol):
         """One Result per request, in order. A row's failure is that row's `error`, never a raise."""
         ...
 
-    def stream(self, request: PreparedRequest, sampling: GenerationConfig) -> Iterator[str]:
-        """Yield text deltas of one request; their concatenation equals `generate`'s text."""
+    def stream(self, request: PreparedRequest, sampling: GenerationConfig) -> Iterator[str | Result]:
+        """Yield text deltas of one request, then its `Result`; the deltas join to its text."""
         ...
 
 
