@@ -1,0 +1,249 @@
+"""Endpoint throughput: the Serve app against a one-request-at-a-time server, in one run.
+
+Both servers load the same checkpoint through the same Preprocessor and HFEngine and answer the
+same OpenAI request body, so the ratio measures the serving architecture (a CPU ingress in front
+of a model replica that batches concurrent requests), not the model code:
+
+    python benchmarks/serve.py                           # tiny LLaVA-1.5, concurrency 1 4 16
+    python benchmarks/serve.py --model /path/to/ckpt --requests 64 --out serve.json
+
+Prints one JSON document (and writes it to --out): req/s, p50/p99 latency and errors per server
+and concurrency, and the Serve/baseline req/s ratio at the highest concurrency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import logging
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import Config, load_config  # noqa: E402
+
+logger = logging.getLogger("benchmarks.serve")
+SERVE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve-tiny.yaml"
+TARGET_RATIO = 3.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request_bodies(model: str, n: int, max_tokens: int) -> list[dict]:
+    """n chat requests over real photos at mixed sizes and four prompts (greedy)."""
+    from skimage import data
+
+    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()]
+    sizes = [(512, 512), (300, 451), (400, 600), (427, 640)]
+    prompts = ["What is this?", "Describe the picture.", "What color is the sky?", "How many people are there?"]
+    uris = []
+    for arr, (h, w) in zip(photos, sizes):
+        buf = io.BytesIO()
+        Image.fromarray(arr).convert("RGB").resize((w, h)).save(buf, "JPEG")
+        uris.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode())
+    return [
+        {
+            "model": model,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": uris[i % 4]}},
+                        {"type": "text", "text": prompts[(i // 4) % 4]},
+                    ],
+                }
+            ],
+        }
+        for i in range(n)
+    ]
+
+
+# -- the baseline: one process, one request at a time --------------------------------------------
+def _baseline_main(cfg_data: dict, port: int, ready) -> None:
+    """HTTPServer (not Threading): requests are read, preprocessed and generated strictly one by one."""
+    from deployments.errors import to_api_error
+    from deployments.protocol import ChatCompletion, ChatCompletionRequest, completion_id
+    from pipeline.engines import make_engine
+    from pipeline.preprocess import Preprocessor
+
+    cfg = load_config(cfg_data)
+    preprocessor, engine = Preprocessor(cfg, local_ok=False), make_engine(cfg)
+    name = cfg.serve.served_model_name or cfg.model.name
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            try:
+                req = ChatCompletionRequest.model_validate_json(self.rfile.read(int(self.headers["Content-Length"])))
+                sampling = req.to_generation(cfg.generation)
+                request_id = completion_id()
+                prepared = preprocessor.prepare(req.to_record(request_id), sampling.max_new_tokens)
+                [result] = engine.generate([prepared], sampling)
+                status, body = 200, ChatCompletion.of(request_id, name, result).model_dump()
+            except Exception as e:
+                error = to_api_error(e)
+                status, body = error.status, error.body()
+            payload = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    class Server(HTTPServer):
+        request_queue_size = 128  # connections wait their turn instead of being refused
+
+    server = Server(("127.0.0.1", port), Handler)
+    ready.set()
+    server.serve_forever()
+
+
+# -- load generation -----------------------------------------------------------------------------
+async def _load(url: str, bodies: list[dict], concurrency: int, headers: dict) -> dict:
+    latencies, errors, tokens = [], 0, []
+    queue: asyncio.Queue = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+
+    async def worker(client: httpx.AsyncClient):
+        nonlocal errors
+        while not queue.empty():
+            body = queue.get_nowait()
+            start = time.perf_counter()
+            try:
+                r = await client.post(url, json=body)
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                latencies.append(time.perf_counter() - start)
+                tokens.append(r.json()["usage"]["completion_tokens"])
+            else:
+                errors += 1
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits, headers=headers) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    q = np.quantile(latencies, [0.5, 0.99]) if latencies else [float("nan")] * 2
+    return {
+        "concurrency": concurrency,
+        "requests": len(bodies),
+        "errors": errors,
+        "seconds": round(wall, 3),
+        "req_per_s": round(len(latencies) / wall, 3),
+        "p50_s": round(float(q[0]), 3),
+        "p99_s": round(float(q[1]), 3),
+        "completion_tokens_mean": round(statistics.mean(tokens), 1) if tokens else 0,
+    }
+
+
+def measure(url: str, model: str, levels: list[int], n: int, max_tokens: int, headers: dict) -> list[dict]:
+    asyncio.run(_load(url, request_bodies(model, 4, max_tokens), 2, headers))  # warm-up: loads, JIT, caches
+    return [asyncio.run(_load(url, request_bodies(model, max(n, 2 * c), max_tokens), c, headers)) for c in levels]
+
+
+def run_baseline(cfg: Config, levels: list[int], n: int, max_tokens: int) -> list[dict]:
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_baseline_main, args=(cfg.model_dump(), port, ready), daemon=True)
+    proc.start()
+    try:
+        if not ready.wait(300):
+            raise RuntimeError("baseline server did not start in 300 s")
+        model = cfg.serve.served_model_name or cfg.model.name
+        return measure(f"http://127.0.0.1:{port}/v1/chat/completions", model, levels, n, max_tokens, {})
+    finally:
+        proc.terminate()
+        proc.join(10)
+
+
+def run_serve(cfg: Config, levels: list[int], n: int, max_tokens: int) -> tuple[list[dict], dict]:
+    import ray
+    from ray import serve
+
+    from deployments.app import serve_local
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        base = serve_local(cfg, blocking=False)
+        model = cfg.serve.served_model_name or cfg.model.name
+        results = measure(f"{base}/chat/completions", model, levels, n, max_tokens, {})
+        batches = httpx.get(base.removesuffix("/v1") + "/metrics/batches").json()
+        return results, batches
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(SERVE_CONFIG))
+    p.add_argument("--model", default=None, help="override model.name (default: the config's, tiny-llava)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--requests", type=int, default=96, help="requests per level (at least 2x the concurrency)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, for both servers")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    overrides = [f"serve.port={_free_port()}", "serve.api_key_env=null", f"generation.max_new_tokens={args.max_tokens}"]
+    if args.model:
+        overrides.append(f"model.name={args.model}")
+    cfg = load_config(args.config, overrides=overrides + args.set)
+    logger.info("baseline: one request at a time")
+    baseline = run_baseline(cfg, args.concurrency, args.requests, args.max_tokens)
+    logger.info("serve: %s", cfg.serve.model_dump(exclude={"api_key"}))
+    served, batches = run_serve(cfg, args.concurrency, args.requests, args.max_tokens)
+    top = max(args.concurrency)
+    ratio = served[-1]["req_per_s"] / baseline[-1]["req_per_s"]
+    report = {
+        "benchmark": "serve",
+        "model": cfg.model.name,
+        "backend": cfg.backend,
+        "max_tokens": args.max_tokens,
+        "cpus": os.cpu_count(),
+        "overrides": args.set,
+        "model_config": {"torch_threads": cfg.model.torch_threads, "model_cpus": cfg.resources.model_cpus},
+        "serve_config": {k: getattr(cfg.serve, k) for k in ("num_replicas", "max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests")},
+        "baseline": baseline,
+        "serve": served,
+        "serve_batch_sizes": batches["batch_sizes"],
+        f"ratio_req_per_s_at_{top}": round(ratio, 2),
+        "target": f">= {TARGET_RATIO}x at concurrency {top} with 0 errors",
+        "target_met": ratio >= TARGET_RATIO and served[-1]["errors"] == 0,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
