@@ -8,7 +8,6 @@ import zlib
 import boto3
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import s3fs
