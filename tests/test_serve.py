@@ -98,7 +98,7 @@ def app(job_out, tiny_llava):
             "serve.served_model_name": MODEL,
             "serve.api_key": KEY,
             "serve.max_ongoing_requests": 8,
-            "serve.max_queued_requests": 8,
+            "serve.max_queued_requests": 16,  # 8 + 16 > the 16-request test, < the 48-request flood
             "serve.max_body_bytes": 2_000_000,
             "limits.max_image_bytes": 1_000_000,
             "limits.max_pixels": 4_000_000,
