@@ -7,7 +7,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch that lies on this machine's disk (no CUDA download).
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	# Pinned again here: without it pip may swap in a CUDA build of torch while resolving the rest.
+	$(PY) -m pip install -q -e '.[test]' torch==2.13.0
 	touch $@
 
 .PHONY: setup demo test

@@ -68,13 +68,13 @@ def build_model_dir(name: str, out: Path) -> Path:
     import transformers as tf
 
     from pipeline.families import family_spec
-    from pipeline.tiny import CHAT_TEMPLATES, CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, NEXT_PINPOINTS, PATCH_SIZE, _train_tokenizer
+    from pipeline.tiny import llava_config, llava_processor, train_tokenizer
 
     if (out / "config.json").is_file():
         return out
     arch = ARCHS[name]
     spec = family_spec(arch["family"])
-    tokenizer = _train_tokenizer(512)
+    tokenizer = train_tokenizer(512)
     # Random weights can emit any id: every id of the model's vocabulary must decode.
     tokenizer.add_tokens([f"<|w{i}|>" for i in range(VOCAB - len(tokenizer))])
     assert len(tokenizer) == VOCAB
@@ -83,20 +83,8 @@ def build_model_dir(name: str, out: Path) -> Path:
     text_config = text_cls(**text, vocab_size=VOCAB, rms_norm_eps=1e-5, tie_word_embeddings=False,
                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id)
-    common = dict(vision_config=tf.CLIPVisionConfig(**VISION), text_config=text_config,
-                  image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), projector_hidden_act="gelu",
-                  vision_feature_select_strategy="default", vision_feature_layer=-2, image_seq_length=576)
-    ip_kwargs = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_mean=CLIP_MEAN,
-                     image_std=CLIP_STD, do_convert_rgb=True)
-    proc_kwargs = dict(patch_size=PATCH_SIZE, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                       chat_template=CHAT_TEMPLATES[spec.name])
-    if spec.name == "llava_next":
-        config = tf.LlavaNextConfig(**common, image_grid_pinpoints=NEXT_PINPOINTS)
-        image_processor = tf.LlavaNextImageProcessorPil(**ip_kwargs, image_grid_pinpoints=NEXT_PINPOINTS)
-        processor = tf.LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, **proc_kwargs)
-    else:
-        config = tf.LlavaConfig(**common)
-        processor = tf.LlavaProcessor(image_processor=tf.CLIPImageProcessorPil(**ip_kwargs), tokenizer=tokenizer, **proc_kwargs)
+    config = llava_config(spec, tokenizer, text_config, tf.CLIPVisionConfig(**VISION))
+    processor = llava_processor(spec, tokenizer)
     config.architectures = [spec.model_class]
     config.dtype = "bfloat16"
     tmp = out.with_name(out.name + ".tmp")

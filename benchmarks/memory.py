@@ -31,9 +31,10 @@ _CHILD = r"""
 import json, sys, threading, time
 import numpy as np
 import torch, transformers, bitsandbytes
+from pipeline.checkpoint import Checkpoint
 from pipeline.config import load_config
-from pipeline.engines.base import PreparedRequest
 from pipeline.engines.hf import HFEngine
+from pipeline.records import PreparedRequest
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -48,7 +49,7 @@ def sample():
 base_anon, base_hwm = status("RssAnon"), status("VmHWM")
 threading.Thread(target=sample, daemon=True).start()
 cfg = load_config({"model": {"name": sys.argv[1]}, "generation": {"max_new_tokens": 8}}, json.loads(sys.argv[2]))
-engine = HFEngine(cfg)
+engine = HFEngine(cfg, Checkpoint.load(cfg.model))
 ids = np.array([1] + [engine.model.config.image_token_index] * 576 + [5, 6, 7], np.int32)
 request = PreparedRequest(id=0, prompt="", input_ids=ids, image_tokens=576,
                           tiles=np.full((1, 3, 336, 336), 128, np.uint8), tiles_per_image=[1], image_sizes=[(336, 336)])

@@ -55,7 +55,7 @@ logger = logging.getLogger("benchmarks.offline")
 NEW_TOKENS = 64
 INPUT_ROW_GROUP = 128
 BYTES_ROWS = 16
-# Two cores: one CPU actor and one model actor at half a CPU each (DESIGN.md 'Two cores'), one
+# Two cores: one CPU actor and one model actor at half a CPU each (ARCHITECTURE.md, "Two cores"), one
 # torch thread in the model actor, the loop (b) and the model-card loop (c). 32-row blocks: the
 # model actor starts after the first 32 rows are prepared, not 128.
 RESOURCES = dict(preprocess_actors=1, preprocess_cpus=0.5, preprocess_batch_size=16, model_actors=1,
@@ -265,11 +265,14 @@ def run_job_measured(cfg: Config) -> dict:
 def _loop_main(results, cfg_data: dict, output_path: str) -> None:
     """Load counted from here (imports included, as in a fresh actor); CPU split by stage."""
     start = time.perf_counter()
+    from pipeline.checkpoint import Checkpoint
     from pipeline.engines.hf import HFEngine
-    from pipeline.preprocess import Preprocessor, Record
+    from pipeline.preprocess import Preprocessor
+    from pipeline.records import Record
 
     cfg = Config.model_validate(cfg_data)
-    pre, engine = Preprocessor(cfg), HFEngine(cfg)  # HFEngine sets torch threads from model.torch_threads
+    checkpoint = Checkpoint.load(cfg.model)
+    pre, engine = Preprocessor(cfg, checkpoint), HFEngine(cfg, checkpoint)  # HFEngine sets torch threads from model.torch_threads
     load_s = time.perf_counter() - start
     start, prep_cpu, gen_cpu, results_ = time.perf_counter(), 0.0, 0.0, []
     for batch in pads.dataset(cfg.input.path, format="parquet").to_batches(batch_size=cfg.resources.model_batch_size):
@@ -341,7 +344,8 @@ def bytes_per_record(ckpt: Path, cfg: Config, rows: list[dict]) -> dict:
     processor's own output for the same records, one record per call (no padding across rows)."""
     from PIL import Image
 
-    from pipeline.preprocess import Record, build_conversation
+    from pipeline.preprocess import build_conversation
+    from pipeline.records import Record
     from pipeline.stages import PREPARED_FIELDS, PreprocessStage
 
     stage = PreprocessStage(cfg.model_dump())

@@ -83,11 +83,13 @@ def _baseline_main(cfg_data: dict, port: int, ready) -> None:
     """HTTPServer (not Threading): requests are read, preprocessed and generated strictly one by one."""
     from deployments.errors import to_api_error
     from deployments.protocol import ChatCompletion, ChatCompletionRequest, completion_id
+    from pipeline.checkpoint import Checkpoint
     from pipeline.engines import make_engine
     from pipeline.preprocess import Preprocessor
 
     cfg = load_config(cfg_data)
-    preprocessor, engine = Preprocessor(cfg, local_ok=False), make_engine(cfg)
+    checkpoint = Checkpoint.load(cfg.model)
+    preprocessor, engine = Preprocessor(cfg, checkpoint, local_ok=False), make_engine(cfg, checkpoint)
     name = cfg.serve.served_model_name or cfg.model.name
 
     class Handler(BaseHTTPRequestHandler):

@@ -1,8 +1,9 @@
 """Every error the endpoint answers, in OpenAI's shape: {"error": {message, type, param, code}}.
 
 `APIError` carries a status and the body fields; `to_api_error` maps the pipeline's own
-exceptions (bad image, bad conversation, prompt too long, schema errors, Serve backpressure)
-to one, so each failure has exactly one status and type wherever it is raised.
+exception types (pipeline/errors.py: bad image, bad conversation, prompt too long, ...), schema
+errors and Serve backpressure to one, by type, so each failure has exactly one status and code
+wherever it is raised.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray.serve.exceptions import BackPressureError
 
-from pipeline.images import ImageError
-from pipeline.preprocess import RowError
+from pipeline.errors import ImageError, PromptTooLong, RowError, describe_validation_error
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +43,8 @@ class APIError(Exception):
 
 def validation_error(err: ValidationError) -> APIError:
     """422 naming the first bad field as a dotted path (messages.0.content), as `param`."""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    message = f"{loc}: {first['msg']}{more}" if loc else f"{first['msg']}{more}"
-    return APIError(422, message, param=loc or None, code="invalid_value")
+    loc, message = describe_validation_error(err)
+    return APIError(422, f"{loc}: {message}" if loc else message, param=loc or None, code="invalid_value")
 
 
 def to_api_error(exc: Exception) -> APIError:
@@ -55,9 +52,10 @@ def to_api_error(exc: Exception) -> APIError:
         return exc
     if isinstance(exc, ImageError):
         return APIError(400, str(exc), param="messages", code="invalid_image")
+    if isinstance(exc, PromptTooLong):
+        return APIError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, RowError):
-        too_long = str(exc).startswith("prompt:")
-        return APIError(400, str(exc), param="messages", code="context_length_exceeded" if too_long else None)
+        return APIError(400, str(exc), param="messages")
     if isinstance(exc, ValidationError):
         return validation_error(exc)
     if isinstance(exc, BackPressureError):

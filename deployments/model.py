@@ -1,9 +1,9 @@
 """The model deployment's logic: one Engine, requests batched across callers (no Serve wiring).
 
-Backends differ in who batches. The transformers engine runs one blocking `generate` per batch,
+Engines differ in who batches. A blocking `Engine` (transformers) runs one `generate` per batch,
 so concurrent requests are gathered with `@serve.batch` and the batch runs in a thread (the event
-loop keeps accepting the next batch meanwhile). An engine with `agenerate` / `astream` (vLLM's
-async engine) batches internally and is awaited per request.
+loop keeps accepting the next batch meanwhile). An `AsyncEngine` (vLLM's) batches internally and
+is awaited per request.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from ray import serve
 
+from pipeline.checkpoint import Checkpoint
 from pipeline.config import Config, GenerationConfig, ServeConfig
 from pipeline.engines import make_engine
-from pipeline.engines.base import PreparedRequest, Result
+from pipeline.engines.base import AsyncEngine
+from pipeline.records import PreparedRequest, Result
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +75,14 @@ class LlavaModelServer:
     """Holds the Engine; counts batch sizes so batching is observable (`batch_stats`)."""
 
     def __init__(self, cfg: Config):
-        self.engine = make_engine(cfg, asynchronous=True)  # vLLM: the async engine; transformers: the same engine
+        self.engine = make_engine(cfg, Checkpoint.load(cfg.model))
         self.batch_sizes: Counter[int] = Counter()
         self._generate_batch.set_max_batch_size(cfg.serve.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
         logger.info("model deployment ready: %s (%s)", self.engine.model_name, self.engine.backend)
 
     async def generate(self, request: PreparedRequest, sampling: GenerationConfig) -> Result:
-        if hasattr(self.engine, "agenerate"):
+        if isinstance(self.engine, AsyncEngine):
             [result] = await self.engine.agenerate([request], sampling)
             return result
         return await self._generate_batch((request, sampling))
@@ -101,7 +103,7 @@ class LlavaModelServer:
 
     async def stream(self, request: PreparedRequest, sampling: GenerationConfig) -> AsyncIterator[str | Result]:
         """Text deltas, then the request's Result (usage and finish_reason for the last chunk)."""
-        if hasattr(self.engine, "astream"):
+        if isinstance(self.engine, AsyncEngine):
             async for item in self.engine.astream(request, sampling):
                 yield item
         else:

@@ -15,8 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from pipeline.config import GenerationConfig
-from pipeline.engines.base import Result
-from pipeline.preprocess import Record
+from pipeline.records import Record, Result
 
 
 class ImageURL(BaseModel):

@@ -19,9 +19,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline.checkpoint import Checkpoint
 from pipeline.config import Config
-from pipeline.engines.base import PreparedRequest, Result
 from pipeline.preprocess import Preprocessor
+from pipeline.records import PreparedRequest, Result
 
 from .errors import APIError, to_api_error
 from .protocol import (
@@ -69,7 +70,7 @@ class LlavaIngressServer:
         self.model = model
         self.served_name = cfg.serve.served_model_name or cfg.model.name
         self.api_key = cfg.serve.resolved_api_key()
-        self.preprocessor = Preprocessor(cfg, local_ok=False)
+        self.preprocessor = Preprocessor(cfg, Checkpoint.load(cfg.model), local_ok=False)
         # Decoding and http(s) fetches block: run them off the event loop, fetch.concurrency at a time.
         self.pool = ThreadPoolExecutor(cfg.fetch.concurrency, thread_name_prefix="preprocess")
         logger.info("ingress ready for %s (api key %s)", self.served_name, "on" if self.api_key else "off")

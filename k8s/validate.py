@@ -33,8 +33,8 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-# The project's CI keeps the CRDs beside the repository (../shared/kuberay-crds from the root).
-DEFAULT_CRDS = Path(__file__).resolve().parents[2] / "shared" / "kuberay-crds"
+# Unmodified copies of KubeRay v1.7.0's CRDs live beside this file (k8s/crds/SOURCE.txt).
+DEFAULT_CRDS = Path(__file__).resolve().parent / "crds"
 CRD_SOURCE = (
     "https://github.com/ray-project/kuberay, folder ray-operator/config/crd/bases at tag v1.7.0 "
     "(ray.io_rayjobs.yaml, ray.io_rayservices.yaml, ray.io_rayclusters.yaml)"

@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
+from .errors import ConfigError, JobError
 
 EXIT_CONFIG = 2
 
@@ -36,17 +37,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(args) -> Config:
-    from .checks import check_environment
-
-    cfg = load_config(args.config, args.set)
-    try:
-        check_environment(cfg)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return cfg
-
-
 def print_summary(summary) -> None:
     s = summary
     print(
@@ -74,7 +64,7 @@ def print_rows(cfg: Config) -> None:
 def _run(args) -> int:
     from .job import run_job
 
-    cfg = _load(args)
+    cfg = load_config(args.config, args.set)
     print_summary(run_job(cfg, retry_failed=args.retry_failed))
     return 0
 
@@ -94,12 +84,15 @@ def _demo(args) -> int:
 def _serve(args) -> int:
     from deployments.app import serve_local
 
-    serve_local(_load(args), on_ready=lambda url: print(f"serving at {url}  (OpenAI base_url; Ctrl-C to stop)", flush=True))
+    serve_local(load_config(args.config, args.set), on_ready=lambda url: print(f"serving at {url}  (OpenAI base_url; Ctrl-C to stop)", flush=True))
     return 0
 
 
 def _check(args) -> int:
-    cfg = _load(args)
+    from .checks import check_environment
+
+    cfg = load_config(args.config, args.set)
+    check_environment(cfg)
     print(f"ok: {args.config} ({cfg.backend}, model {cfg.model.name})")
     return 0
 
@@ -123,6 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    except (ValueError, FileNotFoundError) as e:
+    except JobError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

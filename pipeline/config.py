@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import ConfigError, describe_validation_error
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -107,7 +109,7 @@ class OutputConfig(_Strict):
 
 
 class ResourcesConfig(_Strict):
-    """Actor pools. Two-core machines need fractional CPU requests (DESIGN.md 'Two cores')."""
+    """Actor pools. Two-core machines need fractional CPU requests (ARCHITECTURE.md, "Two cores")."""
 
     preprocess_actors: int = Field(default=1, ge=1)
     preprocess_cpus: float = Field(default=0.5, gt=0)
@@ -116,7 +118,7 @@ class ResourcesConfig(_Strict):
     model_cpus: float = Field(default=0.5, ge=0)
     num_gpus_per_actor: float = Field(default=0.0, ge=0)
     model_batch_size: int = Field(default=8, ge=1)
-    # Bounds the rows per Ray Data block, which bounds what a stop can lose (DESIGN.md 'Resume').
+    # Bounds the rows per Ray Data block, which bounds what a stop can lose (ARCHITECTURE.md, "Resume").
     rows_per_block: int = Field(default=128, ge=1, le=2048)
 
 
@@ -206,29 +208,24 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _combinations(self) -> "Config":
-        from .checks import check_combinations
-
-        check_combinations(self)
+        """Settings that are valid alone but cannot work together (ConfigError names the key)."""
+        if self.backend == "vllm":
+            if self.model.quantization.mode != "none":
+                raise ConfigError(
+                    "model.quantization.mode",
+                    "bitsandbytes 4/8-bit runs on backend 'transformers' only; set model.quantization.mode=none "
+                    "for vllm (or use a pre-quantized AWQ/GPTQ checkpoint)",
+                )
+            if self.model.device == "cpu":
+                raise ConfigError("model.device", "backend 'vllm' runs on GPU only; set model.device=auto or backend=transformers")
+        if self.model.attn_implementation == "flash_attention_2" and self.model.device == "cpu":
+            raise ConfigError("model.attn_implementation", "flash_attention_2 needs a GPU; use sdpa on CPU")
         return self
-
-
-class ConfigError(ValueError):
-    """A config problem, as one line that names the key."""
-
-
-def _format_validation_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key (check the spelling)"
-    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{loc}: {msg}{more}"
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. generation.max_new_tokens=32")
+        raise ConfigError("--set", f"{item!r}: expected KEY=VALUE, e.g. generation.max_new_tokens=32")
     key, raw = item.split("=", 1)
     return key.strip().split("."), yaml.safe_load(raw) if raw else ""
 
@@ -245,7 +242,7 @@ def apply_overrides(data: dict, overrides: list[str] | dict[str, Any] | None) ->
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"{'.'.join(path)}: {part!r} is not a section")
+                raise ConfigError(".".join(path), f"{part!r} is not a section")
         node[path[-1]] = value
     return data
 
@@ -257,15 +254,16 @@ def load_config(source: str | Path | dict, overrides: list[str] | dict[str, Any]
     else:
         path = Path(source)
         if not path.is_file():
-            raise ConfigError(f"{path}: no such config file")
+            raise ConfigError(str(path), "no such config file")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+            raise ConfigError(str(path), "the top level must be a mapping of sections")
     data = apply_overrides(data, overrides)
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e)) from None
+        loc, message = describe_validation_error(e)
+        raise ConfigError(loc or "<root>", message) from None

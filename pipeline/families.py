@@ -1,11 +1,10 @@
-"""Model families and presets: model variants are data, not branches."""
+"""Model families and presets: model variants are data, not branches (no I/O here)."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
-logger = logging.getLogger(__name__)
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -37,29 +36,5 @@ PRESETS: dict[str, str] = {
 def family_spec(name: str) -> FamilySpec:
     key = name.replace("-", "_")
     if key not in FAMILIES:
-        raise ValueError(f"model.family: unknown family {name!r}; allowed: {sorted(FAMILIES)} or 'auto'")
+        raise ConfigError("model.family", f"unknown family {name!r}; allowed: {sorted(FAMILIES)} or 'auto'")
     return FAMILIES[key]
-
-
-def resolve_model_name(name: str) -> str:
-    """A preset short name -> its hub id; `tiny-llava[-next]` -> the cached tiny checkpoint's
-    path; anything else (hub id, local path) unchanged."""
-    from .tiny import TINY_NAMES, ensure_tiny
-
-    if name in TINY_NAMES:
-        return str(ensure_tiny(name))
-    return PRESETS.get(name, name)
-
-
-def detect_family(model_name: str, revision: str | None = None) -> FamilySpec:
-    """Read the checkpoint's config.json (local path or hub, no weights) and map its model_type."""
-    from transformers import AutoConfig
-
-    model_type = AutoConfig.from_pretrained(resolve_model_name(model_name), revision=revision).model_type
-    for spec in FAMILIES.values():
-        if model_type in spec.hf_model_types:
-            return spec
-    raise ValueError(
-        f"model.name: {model_name!r} is a {model_type!r} checkpoint; llava-ray runs "
-        f"{sorted(t for s in FAMILIES.values() for t in s.hf_model_types)}"
-    )

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, urljoin, urlsplit
 
 from .config import FetchConfig
-from .images import ImageError
+from .errors import ImageError
 
 logger = logging.getLogger(__name__)
 

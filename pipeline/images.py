@@ -9,42 +9,19 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import logging
 import warnings
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import FetchConfig, LimitsConfig, StorageConfig
-
-logger = logging.getLogger(__name__)
+from .errors import ImageError
+from .fetch import fetch_url
+from .storage import storage_options
 
 # We check pixel counts ourselves (limits.max_pixels) before decoding; PIL's own bomb guard
 # would otherwise raise or warn with its global default first.
 Image.MAX_IMAGE_PIXELS = None
-
-
-class ImageError(ValueError):
-    """A bad image; str() is the row's `error` ("image: ...")."""
-
-    def __init__(self, message: str):
-        super().__init__(f"image: {message}")
-
-
-def storage_options(storage: StorageConfig) -> dict[str, Any]:
-    """s3fs options from the config; credentials absent here come from the AWS environment."""
-    opts: dict[str, Any] = {"anon": storage.anonymous}
-    if storage.key and storage.secret:
-        opts.update(key=storage.key, secret=storage.secret)
-    client: dict[str, Any] = {}
-    if storage.endpoint_url:
-        client["endpoint_url"] = storage.endpoint_url
-    if storage.region:
-        client["region_name"] = storage.region
-    if client:
-        opts["client_kwargs"] = client
-    return opts
 
 
 def _read_capped(f, max_bytes: int, what: str) -> bytes:
@@ -78,8 +55,6 @@ def load_bytes(
     if scheme == "data":
         return _decode_data_uri(source, limits)
     if scheme in ("http", "https"):
-        from .fetch import fetch_url
-
         return fetch_url(source, fetch, limits.max_image_bytes)
     if not local_ok:
         raise ImageError(f"only data: and http(s):// image URLs are accepted, got {source[:80]!r}")

@@ -10,7 +10,9 @@ import time
 import pyarrow.compute as pc
 from pydantic import BaseModel
 
+from .checks import check_environment
 from .config import Config
+from .errors import JobError
 from .stages import (
     DropRepeatedIds,
     PreprocessStage,
@@ -23,10 +25,6 @@ from .resume import checkpoint_path, drop_failed_rows
 from .storage import arrow_fs, input_files, output_files, output_rows, parquet_dataset, remove_tree
 
 logger = logging.getLogger(__name__)
-
-
-class JobError(ValueError):
-    """The job cannot start (bad input layout, duplicate ids, ...): one line naming the cause."""
 
 
 class JobSummary(BaseModel):
@@ -105,8 +103,6 @@ def run_job(cfg: Config, *, retry_failed: bool = False) -> JobSummary:
     from ray.data import DataContext
     from ray.data.checkpoint import CheckpointConfig
 
-    from .checks import check_environment
-
     if cfg.input is None or cfg.output is None:
         raise JobError("a job needs `input` and `output` sections (input.path, output.path)")
     check_environment(cfg)
@@ -123,8 +119,12 @@ def run_job(cfg: Config, *, retry_failed: bool = False) -> JobSummary:
     files_before = set(output_files(cfg.output.path, cfg.storage))
 
     if not ray.is_initialized():
-        # Connects to a cluster when RAY_ADDRESS is set (RayJob); otherwise starts one here.
-        ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else local_cpus(cfg), configure_logging=False)
+        # RAY_ADDRESS set (a RayJob): attach to that cluster. Otherwise start a Ray of our own,
+        # even when another `ray start` runs on this machine ("local" never attaches to it).
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(configure_logging=False)
+        else:
+            ray.init(address="local", num_cpus=local_cpus(cfg), configure_logging=False)
     ctx = DataContext.get_current()
     ckpt_fs, ckpt_path = arrow_fs(checkpoint_path(cfg), cfg.storage)
     ctx.checkpoint_config = CheckpointConfig(

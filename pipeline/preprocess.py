@@ -8,66 +8,22 @@ model side rescales and normalises, so 4x fewer bytes cross the object store).
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
-from .config import ColumnsConfig, Config
-from .engines.base import PreparedRequest
-from .families import FamilySpec, detect_family, family_spec, resolve_model_name
-from .images import ImageError, load_image
+from .checkpoint import Checkpoint
+from .config import Config
+from .errors import ImageError, MessagesError, PromptError, PromptTooLong
+from .images import load_image
+from .records import PreparedRequest, Record
 from .vllm_inputs import encode_for_vllm
-
-logger = logging.getLogger(__name__)
-
-
-class RowError(ValueError):
-    """A problem with one row's text or structure; str() is that row's `error`."""
-
-
-class Record(BaseModel):
-    """One input: an id, its images (bytes or path/URL strings), and a prompt or a conversation."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    id: Any
-    images: list[bytes | str] = []
-    prompt: str | None = None
-    messages: list[dict[str, Any]] | str | None = None
-
-    @classmethod
-    def from_row(cls, row: dict[str, Any], columns: ColumnsConfig) -> "Record":
-        images = row.get(columns.image)
-        if images is None:
-            images = row.get(columns.image_path)
-        if images is None:
-            images = []
-        elif isinstance(images, (bytes, str)):
-            images = [images]
-        return cls(
-            id=row.get(columns.id),
-            images=list(images),
-            prompt=row.get(columns.prompt),
-            messages=row.get(columns.messages),
-        )
-
-
-def load_family(cfg: Config) -> FamilySpec:
-    return detect_family(cfg.model.name, cfg.model.revision) if cfg.model.family == "auto" else family_spec(cfg.model.family)
-
-
-def load_processor(cfg: Config):
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(resolve_model_name(cfg.model.name), revision=cfg.model.revision)
 
 
 def _text_part(part: dict[str, Any]) -> dict[str, Any]:
     text = part.get("text")
     if not isinstance(text, str):
-        raise RowError("messages: a 'text' part needs a string 'text'")
+        raise MessagesError("a 'text' part needs a string 'text'")
     return {"type": "text", "text": text}
 
 
@@ -86,18 +42,18 @@ def build_conversation(record: Record, system: str | None, default_prompt: str) 
             try:
                 raw = json.loads(raw)
             except json.JSONDecodeError as e:
-                raise RowError(f"messages: not valid JSON ({e.msg} at char {e.pos})") from None
+                raise MessagesError(f"not valid JSON ({e.msg} at char {e.pos})") from None
         if not isinstance(raw, list) or not raw:
-            raise RowError("messages: expected a non-empty list of {role, content} objects")
+            raise MessagesError("expected a non-empty list of {role, content} objects")
         row_images = iter(record.images)
         messages, sources = [], []
         for i, msg in enumerate(raw):
             if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
-                raise RowError(f"messages[{i}]: needs a role of system, user or assistant")
+                raise MessagesError(f"turn {i}: needs a role of system, user or assistant")
             content = msg.get("content")
             parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
             if not isinstance(parts, list):
-                raise RowError(f"messages[{i}].content: expected a string or a list of parts")
+                raise MessagesError(f"turn {i}: content must be a string or a list of parts")
             converted = []
             for part in parts:
                 kind = part.get("type") if isinstance(part, dict) else None
@@ -107,17 +63,17 @@ def build_conversation(record: Record, system: str | None, default_prompt: str) 
                     url = part.get("image_url")
                     url = url.get("url") if isinstance(url, dict) else url
                     if not isinstance(url, str) or not url:
-                        raise RowError(f"messages[{i}]: an 'image_url' part needs image_url.url")
+                        raise MessagesError(f"turn {i}: an 'image_url' part needs image_url.url")
                     converted.append({"type": "image"})
                     sources.append(url)
                 elif kind == "image":
                     source = next(row_images, None)
                     if source is None:
-                        raise RowError(f"messages[{i}]: more 'image' parts than the row has images")
+                        raise MessagesError(f"turn {i}: more 'image' parts than the row has images")
                     converted.append({"type": "image"})
                     sources.append(source)
                 else:
-                    raise RowError(f"messages[{i}]: unsupported part type {kind!r}; use text, image_url or image")
+                    raise MessagesError(f"turn {i}: unsupported part type {kind!r}; use text, image_url or image")
             messages.append({"role": msg["role"], "content": converted})
     if system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
@@ -127,22 +83,20 @@ def build_conversation(record: Record, system: str | None, default_prompt: str) 
 class Preprocessor:
     """record -> PreparedRequest for one checkpoint. `local_ok=False` for the online endpoint."""
 
-    def __init__(self, cfg: Config, *, local_ok: bool = True, processor=None):
-        from transformers import AutoConfig
-
+    def __init__(self, cfg: Config, checkpoint: Checkpoint, *, local_ok: bool = True):
         self.cfg = cfg
+        self.checkpoint = checkpoint
         self.local_ok = local_ok
-        self.family = load_family(cfg)
-        self.processor = processor or load_processor(cfg)
-        model_config = AutoConfig.from_pretrained(resolve_model_name(cfg.model.name), revision=cfg.model.revision)
-        self.context_len = model_config.text_config.max_position_embeddings
+        self.family = checkpoint.family
+        self.processor = checkpoint.processor
+        self.context_len = checkpoint.context_len
         if cfg.backend == "vllm":  # vLLM refuses longer prompts: reject them here, per row
             self.context_len = min(self.context_len, cfg.vllm.max_model_len)
-        self.image_token_id = model_config.image_token_index
+        self.image_token_id = checkpoint.image_token_id
         self.max_images = min(self.family.max_images_per_prompt, cfg.limits.max_images_per_row)
 
     def prepare(self, record: Record, max_new_tokens: int | None = None) -> PreparedRequest:
-        """Raise ImageError / RowError (message = the row's error) on bad input."""
+        """Raise a RowError (ImageError, MessagesError, PromptError; message = the row's error)."""
         cfg = self.cfg
         messages, sources = build_conversation(record, cfg.prompt.system, cfg.prompt.default)
         if not sources:
@@ -156,9 +110,12 @@ class Preprocessor:
         try:
             prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as e:  # the template's own raise_exception (e.g. an unsupported role order)
-            raise RowError(f"messages: the chat template rejected the conversation: {e}") from None
+            raise MessagesError(f"the chat template rejected the conversation: {e}") from None
+        placeholder = self.processor.image_token
+        if prompt.count(placeholder) != len(images):  # the text itself holds the placeholder
+            raise PromptError(f"the text must not contain the image placeholder {placeholder!r}")
         if cfg.backend == "vllm":
-            request = encode_for_vllm(self, record.id, prompt, images)
+            request = encode_for_vllm(self.checkpoint, record.id, prompt, images)
         else:
             request = self._encode(record.id, prompt, images)
         self._check_length(request, max_new_tokens or cfg.generation.max_new_tokens)
@@ -194,9 +151,9 @@ class Preprocessor:
         n = request.prompt_tokens
         limit = self.cfg.limits.max_prompt_tokens
         if limit is not None and n > limit:
-            raise RowError(f"prompt: {n} tokens ({request.image_tokens} for images) exceeds limits.max_prompt_tokens={limit}")
+            raise PromptTooLong(f"{n} tokens ({request.image_tokens} for images) exceeds limits.max_prompt_tokens={limit}")
         if n + max_new_tokens > self.context_len:
-            raise RowError(
-                f"prompt: {n} tokens ({request.image_tokens} for images) + max_new_tokens {max_new_tokens} "
+            raise PromptTooLong(
+                f"{n} tokens ({request.image_tokens} for images) + max_new_tokens {max_new_tokens} "
                 f"exceeds the model's context of {self.context_len} tokens"
             )

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import Config
-from .storage import fsspec_fs
+from .storage import fsspec_fs, open_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +36,8 @@ def _committed_files(cfg: Config) -> tuple[object, list[str]]:
 
 
 def _rewrite(fs, path: str, table: pa.Table) -> None:
-    """Replace `path` with `table` via a temporary name, so a reader never sees a partial file."""
-    tmp = posixpath.join(posixpath.dirname(path), "." + posixpath.basename(path) + ".tmp")
-    with fs.open(tmp, "wb") as f:
+    with open_atomic(fs, path) as f:
         pq.write_table(table, f)
-    fs.mv(tmp, path)
 
 
 def drop_failed_rows(cfg: Config) -> int:

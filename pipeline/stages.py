@@ -1,7 +1,7 @@
 """Ray Data wiring: the actor classes around Preprocessor and Engine, and their map_batches kwargs.
 
 Between the stages a row is compact Arrow: token ids as int32 bytes and tiles as uint8 bytes
-(DESIGN.md 'Between stages'). Every input row leaves each stage exactly once; a bad row carries
+(ARCHITECTURE.md, "Between the stages"). Every input row leaves each stage exactly once; a bad row carries
 its `error` through the model stage untouched.
 """
 
@@ -14,8 +14,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pydantic import ValidationError
+
+from .checkpoint import Checkpoint
 from .config import Config
-from .engines.base import PreparedRequest, Result
+from .engines import engine_class, make_engine
+from .engines.base import is_async
+from .errors import EngineDead, InputError, RowError, describe_validation_error
+from .preprocess import Preprocessor
+from .records import PreparedRequest, Record, Result
 
 logger = logging.getLogger(__name__)
 
@@ -100,19 +107,18 @@ class PreprocessStage:
     def __init__(self, config: dict):
         from concurrent.futures import ThreadPoolExecutor
 
-        from .preprocess import Preprocessor
-
         self.cfg = Config.model_validate(config)
-        self.pre = Preprocessor(self.cfg)
+        self.pre = Preprocessor(self.cfg, Checkpoint.load(self.cfg.model))
         self.pool = ThreadPoolExecutor(self.cfg.fetch.concurrency, thread_name_prefix="prepare")
 
     def _prepare(self, row: dict[str, Any]) -> dict[str, Any]:
-        from .preprocess import Record
-
         try:
             return prepared_to_row(self.pre.prepare(Record.from_row(row, self.cfg.input.columns)))
-        except ValueError as e:  # ImageError / RowError / pydantic: the row's own fault
+        except RowError as e:  # the row's own fault, already naming its stage and cause
             error = str(e)
+        except ValidationError as e:  # a column value of the wrong type for a Record
+            loc, message = describe_validation_error(e)
+            error = str(InputError(f"{loc}: {message}"))
         except Exception as e:  # anything else is still this row's error, never the batch's
             logger.exception("preprocessing row %r failed", row.get(self.cfg.input.columns.id))
             error = f"preprocess: {type(e).__name__}: {e}"
@@ -129,13 +135,9 @@ class PreprocessStage:
 class GenerateStage:
     """Model actor: prepared rows -> result rows, one per input row, in order."""
 
-    asynchronous = False
-
     def __init__(self, config: dict):
-        from .engines import make_engine
-
         self.cfg = Config.model_validate(config)
-        self.engine = make_engine(self.cfg, asynchronous=self.asynchronous)
+        self.engine = make_engine(self.cfg, Checkpoint.load(self.cfg.model))
 
     def _requests(self, batch: pa.Table) -> tuple[list[dict], list[tuple[int, PreparedRequest]]]:
         id_col = self.cfg.input.columns.id
@@ -177,11 +179,7 @@ class AsyncGenerateStage(GenerateStage):
     actor (max_concurrency, as Ray's own ray.data.llm vLLM stage does); vLLM's continuous
     batching overlaps the next batch's prefill with the last one's decode."""
 
-    asynchronous = True
-
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        from .engines.vllm_engine import EngineDead
-
         rows, todo = self._requests(batch)
         try:
             generated = await self.engine.agenerate([p for _, p in todo], self.cfg.generation)
@@ -238,13 +236,14 @@ def preprocess_kwargs(cfg: Config) -> dict[str, Any]:
 
 
 def generate_stage(cfg: Config) -> type[GenerateStage]:
-    return AsyncGenerateStage if cfg.backend == "vllm" else GenerateStage
+    """Ray Data runs an async __call__ with batches in flight: the stage follows the engine's type."""
+    return AsyncGenerateStage if is_async(engine_class(cfg)) else GenerateStage
 
 
 def generate_kwargs(cfg: Config) -> dict[str, Any]:
     r = cfg.resources
     kwargs = _actor_pool_kwargs(cfg, r.model_batch_size, r.model_actors, r.model_cpus, r.num_gpus_per_actor)
-    if cfg.backend == "vllm":
+    if generate_stage(cfg) is AsyncGenerateStage:
         n = cfg.vllm.batches_in_flight
         if r.model_batch_size * n < cfg.vllm.max_num_seqs:
             logger.warning(

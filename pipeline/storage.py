@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import posixpath
 from typing import Any
 
@@ -10,9 +9,22 @@ import pyarrow.dataset as pads
 from pyarrow.fs import FileSystem, FSSpecHandler, PyFileSystem
 
 from .config import StorageConfig
-from .images import storage_options
+from .errors import JobError
 
-logger = logging.getLogger(__name__)
+
+def storage_options(storage: StorageConfig) -> dict[str, Any]:
+    """s3fs options from the config; credentials absent here come from the AWS environment."""
+    opts: dict[str, Any] = {"anon": storage.anonymous}
+    if storage.key and storage.secret:
+        opts.update(key=storage.key, secret=storage.secret)
+    client: dict[str, Any] = {}
+    if storage.endpoint_url:
+        client["endpoint_url"] = storage.endpoint_url
+    if storage.region:
+        client["region_name"] = storage.region
+    if client:
+        opts["client_kwargs"] = client
+    return opts
 
 
 def fsspec_fs(url: str, storage: StorageConfig):
@@ -23,8 +35,9 @@ def fsspec_fs(url: str, storage: StorageConfig):
     return fsspec.core.url_to_fs(url, **opts)
 
 
-class _RenameOnClose:
-    """A file written under a hidden name and renamed into place on close."""
+class open_atomic:
+    """A file written under a hidden name and renamed into place on close, so a reader never
+    sees a partial file. As a context manager, an error removes the partial file instead."""
 
     def __init__(self, fs, path: str):
         head, tail = posixpath.split(path)
@@ -39,6 +52,16 @@ class _RenameOnClose:
             self.f.close()
             self.fs.mv(self.tmp, self.path)
 
+    def __enter__(self) -> "open_atomic":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.f.close()
+            self.fs.rm(self.tmp)
+
 
 class AtomicWriteHandler(FSSpecHandler):
     """Local and network file systems show a half-written file to readers while it is written,
@@ -48,7 +71,7 @@ class AtomicWriteHandler(FSSpecHandler):
     def open_output_stream(self, path, metadata):
         from pyarrow import PythonFile
 
-        return PythonFile(_RenameOnClose(self.fs, path), mode="w")
+        return PythonFile(open_atomic(self.fs, path), mode="w")
 
 
 def arrow_fs(url: str, storage: StorageConfig) -> tuple[FileSystem, str]:
@@ -71,9 +94,9 @@ def input_files(paths: str | list[str], storage: StorageConfig) -> tuple[FileSys
         elif fs.exists(path):
             found = [path]
         else:
-            raise FileNotFoundError(f"input.path: {url} does not exist")
+            raise JobError(f"input.path: {url} does not exist")
         if not found:
-            raise FileNotFoundError(f"input.path: no Parquet files at {url}")
+            raise JobError(f"input.path: no Parquet files at {url}")
         files.extend(found)
     return PyFileSystem(FSSpecHandler(fs)), files
 

@@ -64,7 +64,7 @@ answer the question briefly caption write a short description of the scene objec
 """
 
 
-def _train_tokenizer(vocab_size: int):
+def train_tokenizer(vocab_size: int):
     """A BPE tokenizer trained here, wrapped as a fast HF tokenizer (Llama-style BOS).
 
     No byte fallback alphabet: every token decodes to corpus text, so random generations read as
@@ -96,6 +96,47 @@ def _train_tokenizer(vocab_size: int):
     return fast
 
 
+def llava_config(spec, tokenizer, text_config, vision_config):
+    """The LlavaConfig / LlavaNextConfig around a text and a vision config, wired as llava-hf's."""
+    import transformers as tf
+
+    common = dict(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+    )
+    if spec.name == "llava_next":
+        return tf.LlavaNextConfig(**common, image_grid_pinpoints=NEXT_PINPOINTS)
+    return tf.LlavaConfig(**common)
+
+
+def llava_processor(spec, tokenizer):
+    """The checkpoint's processor: CLIP 336 image processing (AnyRes for NeXT), the real chat template."""
+    import transformers as tf
+
+    image_processor_kwargs = dict(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_convert_rgb=True,
+    )
+    processor_kwargs = dict(
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the 'default' strategy
+        chat_template=CHAT_TEMPLATES[spec.name],
+    )
+    if spec.name == "llava_next":
+        image_processor = tf.LlavaNextImageProcessorPil(**image_processor_kwargs, image_grid_pinpoints=NEXT_PINPOINTS)
+        return tf.LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, **processor_kwargs)
+    image_processor = tf.CLIPImageProcessorPil(**image_processor_kwargs)
+    return tf.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, **processor_kwargs)
+
+
 def build_tiny_checkpoint(
     out_dir: str | Path,
     family: str = "llava",
@@ -121,8 +162,7 @@ def build_tiny_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
 
-    tokenizer = _train_tokenizer(vocab_size)
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    tokenizer = train_tokenizer(vocab_size)
     heads = max(1, text_hidden // 32)
     text_config = tf.LlamaConfig(
         vocab_size=len(tokenizer),
@@ -146,36 +186,8 @@ def build_tiny_checkpoint(
         patch_size=PATCH_SIZE,
         projection_dim=vision_hidden,
     )
-    common = dict(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=image_token_id,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
-    )
-    image_processor_kwargs = dict(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-        do_convert_rgb=True,
-    )
-    processor_kwargs = dict(
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the 'default' strategy
-        chat_template=CHAT_TEMPLATES[spec.name],
-    )
-    if spec.name == "llava_next":
-        config = tf.LlavaNextConfig(**common, image_grid_pinpoints=NEXT_PINPOINTS)
-        image_processor = tf.LlavaNextImageProcessorPil(**image_processor_kwargs, image_grid_pinpoints=NEXT_PINPOINTS)
-        processor = tf.LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, **processor_kwargs)
-    else:
-        config = tf.LlavaConfig(**common)
-        image_processor = tf.CLIPImageProcessorPil(**image_processor_kwargs)
-        processor = tf.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, **processor_kwargs)
-
+    config = llava_config(spec, tokenizer, text_config, vision_config)
+    processor = llava_processor(spec, tokenizer)
     model = getattr(tf, spec.model_class)(config)
     model.generation_config = tf.GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,

@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from .engines.base import PreparedRequest
+from .checkpoint import Checkpoint
+from .errors import PromptError
+from .records import PreparedRequest
 
 if TYPE_CHECKING:
     from PIL import Image
-
-    from .preprocess import Preprocessor
 
 logger = logging.getLogger(__name__)
 
@@ -102,27 +102,25 @@ WORKING_IMAGE: dict[str, Callable[[Any, "Image.Image"], np.ndarray | None]] = {
 }
 
 
-def working_images(preprocessor: "Preprocessor", images: list["Image.Image"]) -> list[np.ndarray]:
+def working_images(checkpoint: Checkpoint, images: list["Image.Image"]) -> list[np.ndarray]:
     """Each image as [H, W, 3] uint8 at the size the model uses (or as is, see the module doc)."""
-    shrink = WORKING_IMAGE[preprocessor.family.name]
+    shrink = WORKING_IMAGE[checkpoint.family.name]
     out = []
     for image in images:
-        small = shrink(preprocessor.processor, image)
+        small = shrink(checkpoint.processor, image)
         out.append(small if small is not None else np.asarray(image if image.mode == "RGB" else image.convert("RGB")))
     return out
 
 
-def expanded_ids(preprocessor: "Preprocessor", prompt: str, sizes: list[tuple[int, int]]) -> tuple[np.ndarray, int]:
+def expanded_ids(checkpoint: Checkpoint, prompt: str, sizes: list[tuple[int, int]]) -> tuple[np.ndarray, int]:
     """The prompt's token ids with each image placeholder repeated to its feature count, and
     the number of image tokens: what the processor would produce, without touching pixels."""
-    processor = preprocessor.processor
+    processor = checkpoint.processor
     ids = np.asarray(processor.tokenizer(prompt)["input_ids"], dtype=np.int32)
-    slots = np.flatnonzero(ids == preprocessor.image_token_id)
+    slots = np.flatnonzero(ids == checkpoint.image_token_id)
     if len(slots) != len(sizes):
-        from .preprocess import RowError
-
-        raise RowError(
-            f"prompt: {len(slots)} image placeholders for {len(sizes)} image(s); "
+        raise PromptError(
+            f"{len(slots)} image placeholders for {len(sizes)} image(s); "
             f"the text must not contain the image token {processor.image_token!r}"
         )
     counts = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
@@ -131,20 +129,11 @@ def expanded_ids(preprocessor: "Preprocessor", prompt: str, sizes: list[tuple[in
     return np.repeat(ids, repeats), int(sum(counts))
 
 
-def max_image_tokens(processor) -> int:
-    """The most tokens one image can take: a NeXT image the shape of its largest pinpoint
-    (2928 for the 336-px CLIP tower), a LLaVA-1.5 image always 576."""
-    pinpoints = getattr(processor.image_processor, "image_grid_pinpoints", None)
-    crop = processor.image_processor.crop_size
-    sizes = [tuple(p) for p in pinpoints] if pinpoints else [(crop["height"], crop["width"])]
-    return max(processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens)
-
-
-def encode_for_vllm(preprocessor: "Preprocessor", request_id: Any, prompt: str, images: list["Image.Image"]) -> PreparedRequest:
-    """prompt + decoded RGB images -> PreparedRequest for VLLMEngine (`images` at working size)."""
-    arrays = working_images(preprocessor, images)
+def encode_for_vllm(checkpoint: Checkpoint, request_id: Any, prompt: str, images: list["Image.Image"]) -> PreparedRequest:
+    """prompt + decoded RGB images -> PreparedRequest for the vLLM engines (`images` at working size)."""
+    arrays = working_images(checkpoint, images)
     sizes = [(a.shape[0], a.shape[1]) for a in arrays]
-    input_ids, image_tokens = expanded_ids(preprocessor, prompt, sizes)
+    input_ids, image_tokens = expanded_ids(checkpoint, prompt, sizes)
     return PreparedRequest(
         id=request_id,
         prompt=prompt,

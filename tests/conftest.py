@@ -103,3 +103,18 @@ def read_output(path) -> dict:
     by_id = {r["id"]: r for r in rows}
     assert len(by_id) == len(rows), "duplicate ids in the output"
     return by_id
+
+
+def preprocessor(cfg, **kwargs):
+    """A Preprocessor over the checkpoint `cfg` names, opened once as the stages open it."""
+    from pipeline.checkpoint import Checkpoint
+    from pipeline.preprocess import Preprocessor
+
+    return Preprocessor(cfg, Checkpoint.load(cfg.model), **kwargs)
+
+
+def hf_engine(cfg):
+    from pipeline.checkpoint import Checkpoint
+    from pipeline.engines.hf import HFEngine
+
+    return HFEngine(cfg, Checkpoint.load(cfg.model))

@@ -7,7 +7,8 @@ import pytest
 from conftest import encode, photo, read_output, reference_text, resized, write_parquet
 
 from pipeline.config import load_config
-from pipeline.job import JobError, run_job
+from pipeline.errors import JobError
+from pipeline.job import run_job
 
 pytestmark = pytest.mark.slow
 MAX_NEW = 12

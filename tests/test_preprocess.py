@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
-from conftest import encode, photo, resized
+from conftest import encode, hf_engine, photo, preprocessor, resized
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.engines.hf import HFEngine
-from pipeline.images import ImageError
-from pipeline.preprocess import Preprocessor, Record, RowError, build_conversation
+from pipeline.errors import ImageError, MessagesError, PromptTooLong
+from pipeline.preprocess import build_conversation
+from pipeline.records import Record
 
 
 def _cfg(ckpt, **extra):
@@ -22,11 +22,11 @@ def _cfg(ckpt, **extra):
 def test_uint8_tiles_normalised_on_model_side_equal_processor_pixel_values(request, family, size):
     ckpt = request.getfixturevalue(family)
     cfg = _cfg(ckpt)
-    pre = Preprocessor(cfg)
+    pre = preprocessor(cfg)
     image = resized("astronaut", *size)
     prepared = pre.prepare(Record(id=1, images=[image], prompt="hi"))
     assert prepared.tiles.dtype == np.uint8
-    engine = HFEngine(cfg)
+    engine = hf_engine(cfg)
     ours, sizes = engine.pixel_values([prepared])
 
     processor = tf.AutoProcessor.from_pretrained(ckpt)
@@ -39,7 +39,7 @@ def test_uint8_tiles_normalised_on_model_side_equal_processor_pixel_values(reque
 
 
 def test_prepared_request_bytes_are_a_quarter_of_float_pixel_values(tiny_llava_next):
-    pre = Preprocessor(_cfg(tiny_llava_next))
+    pre = preprocessor(_cfg(tiny_llava_next))
     prepared = pre.prepare(Record(id=1, images=[resized("coffee", 480, 640)], prompt="hi"))
     assert prepared.tiles.nbytes * 4 == prepared.tiles.size * np.dtype(np.float32).itemsize
     assert prepared.tiles.shape[1:] == (3, 336, 336)
@@ -59,16 +59,16 @@ def test_conversation_from_prompt_messages_and_system():
     assert [m["role"] for m in msgs] == ["user", "assistant", "user"]
     assert msgs[1]["content"] == [{"type": "text", "text": "A cat."}] and sources == [b"z"]
 
-    with pytest.raises(RowError, match="not valid JSON"):
+    with pytest.raises(MessagesError, match="not valid JSON"):
         build_conversation(Record(id=3, messages="[{"), None, "d")
-    with pytest.raises(RowError, match="more 'image' parts than the row has images"):
+    with pytest.raises(MessagesError, match="more 'image' parts than the row has images"):
         build_conversation(Record(id=4, messages='[{"role":"user","content":[{"type":"image"}]}]'), None, "d")
-    with pytest.raises(RowError, match="role of system, user or assistant"):
+    with pytest.raises(MessagesError, match="role of system, user or assistant"):
         build_conversation(Record(id=5, messages='[{"role":"tool","content":"x"}]'), None, "d")
 
 
 def test_multi_turn_prompt_uses_the_checkpoint_chat_template(tiny_llava):
-    pre = Preprocessor(_cfg(tiny_llava))
+    pre = preprocessor(_cfg(tiny_llava))
     turns = '[{"role":"user","content":[{"type":"image"},{"type":"text","text":"What?"}]},' \
             '{"role":"assistant","content":"A cat."},{"role":"user","content":"Its colour?"}]'
     prepared = pre.prepare(Record(id=1, images=[encode(photo("chelsea"))], messages=turns))
@@ -76,19 +76,19 @@ def test_multi_turn_prompt_uses_the_checkpoint_chat_template(tiny_llava):
 
 
 def test_limits_name_the_cause(tiny_llava):
-    pre = Preprocessor(_cfg(tiny_llava, limits={"max_pixels": 100_000, "max_prompt_tokens": 600}))
+    pre = preprocessor(_cfg(tiny_llava, limits={"max_pixels": 100_000, "max_prompt_tokens": 600}))
     big = encode(np.zeros((400, 400, 3), np.uint8))
     with pytest.raises(ImageError, match=r"image: 400x400 exceeds limits.max_pixels=100000"):
         pre.prepare(Record(id=1, images=[big]))
     with pytest.raises(ImageError, match=r"image: 2 images in one row; llava takes at most 1"):
         pre.prepare(Record(id=1, images=[resized("coffee", 50, 50)] * 2))
-    with pytest.raises(RowError, match=r"prompt: \d+ tokens \(576 for images\) exceeds limits.max_prompt_tokens=600"):
+    with pytest.raises(PromptTooLong, match=r"prompt: \d+ tokens \(576 for images\) exceeds limits.max_prompt_tokens=600"):
         pre.prepare(Record(id=1, images=[resized("coffee", 50, 50)], prompt="word " * 200))
     with pytest.raises(ImageError, match="the row has no image"):
         pre.prepare(Record(id=1, images=[], prompt="hi"))
 
 
 def test_prompt_longer_than_context_is_a_row_error(tiny_llava):
-    pre = Preprocessor(_cfg(tiny_llava, generation={"max_new_tokens": 64}))
-    with pytest.raises(RowError, match=r"\+ max_new_tokens 64 exceeds the model's context of 4096 tokens"):
+    pre = preprocessor(_cfg(tiny_llava, generation={"max_new_tokens": 64}))
+    with pytest.raises(PromptTooLong, match=r"\+ max_new_tokens 64 exceeds the model's context of 4096 tokens"):
         pre.prepare(Record(id=1, images=[resized("coffee", 50, 50)], prompt="astronaut " * 4000))

@@ -257,7 +257,7 @@ FLAT_9MP = encode(np.zeros((3000, 3000, 3), np.uint8))  # 9 megapixels in a few 
         ({"model": "M", "messages": [user(data_uri(ASTRONAUT), "Hi")], "temperature": 5}, 422,
          "temperature: Input should be less than or equal to 2", "temperature", "invalid_value"),
         ({"model": "M", "messages": [user(data_uri(ASTRONAUT), "Hi")], "n": 2}, 422,
-         "n: Value error, only n=1 is supported, got 2", "n", "invalid_value"),
+         "n: only n=1 is supported, got 2", "n", "invalid_value"),
         ({"model": "M", "messages": [{"role": "user", "content": "Hi, no image"}]}, 400,
          "image: the row has no image", "messages", "invalid_image"),
         ({"model": "M", "messages": [user("data:image/png;base64,!!!notbase64", "Hi")]}, 400,

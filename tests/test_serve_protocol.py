@@ -8,8 +8,7 @@ from pydantic import ValidationError
 from deployments.errors import to_api_error
 from deployments.protocol import ChatCompletionRequest
 from pipeline.config import GenerationConfig
-from pipeline.images import ImageError
-from pipeline.preprocess import RowError
+from pipeline.errors import ImageError, MessagesError, PromptTooLong
 
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}}
 
@@ -42,7 +41,7 @@ def test_fields_that_cannot_be_honoured_are_refused_by_name(field, value, messag
     with pytest.raises(ValidationError) as e:
         request(**{field: value})
     error = to_api_error(e.value)
-    assert (error.status, error.param, error.message) == (422, field, f"{field}: Value error, {message}")
+    assert (error.status, error.param, error.message) == (422, field, f"{field}: {message}")
 
 
 def test_unknown_fields_are_ignored_and_the_developer_role_is_the_system_prompt():
@@ -66,7 +65,8 @@ def test_unknown_fields_are_ignored_and_the_developer_role_is_the_system_prompt(
 def test_pipeline_errors_map_to_openai_statuses():
     image = to_api_error(ImageError("cannot identify image file"))
     assert (image.status, image.code, image.body()["error"]["message"]) == (400, "invalid_image", "image: cannot identify image file")
-    long = to_api_error(RowError("prompt: 5000 tokens exceeds the model's context of 4096 tokens"))
+    long = to_api_error(PromptTooLong("5000 tokens exceeds the model's context of 4096 tokens"))
     assert (long.status, long.code, long.type) == (400, "context_length_exceeded", "invalid_request_error")
-    other = to_api_error(RowError("messages[0]: needs a role of system, user or assistant"))
-    assert (other.status, other.code) == (400, None)
+    assert long.message == "prompt: 5000 tokens exceeds the model's context of 4096 tokens"
+    other = to_api_error(MessagesError("turn 0: needs a role of system, user or assistant"))
+    assert (other.status, other.code, other.message) == (400, None, "messages: turn 0: needs a role of system, user or assistant")

@@ -5,23 +5,21 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import encode, photo, resized
+from conftest import encode, hf_engine, photo, preprocessor, resized
 
 from pipeline.config import load_config
-from pipeline.engines.base import Result
-from pipeline.engines.hf import HFEngine
-from pipeline.preprocess import Preprocessor, Record
+from pipeline.records import Record, Result
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_llava):
     cfg = load_config({"model": {"name": tiny_llava}, "generation": {"max_new_tokens": 40}})
-    pre = Preprocessor(cfg)
+    pre = preprocessor(cfg)
     requests = [
         pre.prepare(Record(id="a", images=[encode(photo("astronaut"))], prompt="What is this?")),
         pre.prepare(Record(id="b", images=[resized("rocket", 427, 640)], prompt="Describe the picture.")),
     ]
-    return cfg, HFEngine(cfg), requests
+    return cfg, hf_engine(cfg), requests
 
 
 def _collect(engine, request, sampling) -> tuple[list[str], Result]:

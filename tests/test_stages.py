@@ -3,18 +3,18 @@
 import numpy as np
 import pyarrow as pa
 import transformers as tf
-from conftest import resized
+from conftest import preprocessor, resized
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.preprocess import Preprocessor, Record
+from pipeline.records import Record
 from pipeline.stages import PREPARED_FIELDS, prepared_to_row, row_to_prepared
 
 
 def test_prepared_row_round_trips_and_is_at_most_a_quarter_of_the_processor_output(tiny_llava_next):
     import io
 
-    pre = Preprocessor(load_config({"model": {"name": tiny_llava_next}}))
+    pre = preprocessor(load_config({"model": {"name": tiny_llava_next}}))
     images = [resized("astronaut", 480, 640), resized("coffee", 300, 900), resized("rocket", 1024, 768)]
     processor = tf.AutoProcessor.from_pretrained(tiny_llava_next)
     ours = theirs = 0

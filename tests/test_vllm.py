@@ -16,7 +16,7 @@ import socket
 import httpx
 import pyarrow as pa
 import pytest
-from conftest import encode, photo, read_output, resized, write_parquet
+from conftest import encode, hf_engine, photo, preprocessor, read_output, resized, write_parquet
 
 from pipeline.config import load_config
 
@@ -62,9 +62,9 @@ def _cfg(ckpt: str, backend: str, max_new: int, **extra):
 
 
 def _generate(cfg, rows, engine):
-    from pipeline.preprocess import Preprocessor, Record
+    from pipeline.records import Record
 
-    pre = Preprocessor(cfg)
+    pre = preprocessor(cfg)
     requests = [pre.prepare(Record(id=i, images=[img], prompt=p)) for i, img, p in rows]
     if cfg.backend == "vllm":  # the CPU stage hands vLLM the prompt and working-size images
         assert all(r.images and r.tiles is None for r in requests)
@@ -75,14 +75,14 @@ def _generate(cfg, rows, engine):
 
 @pytest.mark.parametrize("family", ["tiny_llava", "tiny_llava_next"])
 def test_vllm_greedy_output_agrees_with_transformers(request, record_property, family):
-    from pipeline.engines.hf import HFEngine
+    from pipeline.checkpoint import Checkpoint
     from pipeline.engines.vllm_engine import VLLMEngine
 
     ckpt = request.getfixturevalue(family)
     rows = _rows(40)
     hf_cfg, vllm_cfg = _cfg(ckpt, "transformers", MAX_NEW), _cfg(ckpt, "vllm", MAX_NEW)
-    hf_full, hf_first = _generate(hf_cfg, rows, HFEngine(hf_cfg))
-    engine = VLLMEngine(vllm_cfg)
+    hf_full, hf_first = _generate(hf_cfg, rows, hf_engine(hf_cfg))
+    engine = VLLMEngine(vllm_cfg, Checkpoint.load(vllm_cfg.model))
     try:
         v_full, v_first = _generate(vllm_cfg, rows, engine)
     finally:
@@ -105,7 +105,6 @@ def test_vllm_greedy_output_agrees_with_transformers(request, record_property, f
 
 def test_offline_job_with_vllm_writes_every_row_once(ray_local, tiny_llava_next, tmp_path):
     from pipeline.job import run_job
-    from pipeline.preprocess import Preprocessor
 
     good = {k: ([img], p) for k, img, p in _rows(10)}
     good["pair"] = ([resized("chelsea", 240, 320), resized("coffee", 200, 300)], "Compare the two images.")
@@ -138,7 +137,7 @@ def test_offline_job_with_vllm_writes_every_row_once(ray_local, tiny_llava_next,
     for k in good:
         assert out[k]["error"] is None and out[k]["text"] is not None, (k, out[k]["error"])
         assert out[k]["completion_tokens"] > 0 and out[k]["backend"] == "vllm/bfloat16"
-    processor = Preprocessor(cfg).processor  # both images go at their own size: counts add up
+    processor = preprocessor(cfg).processor  # both images go at their own size: counts add up
     assert out["pair"]["image_tokens"] == sum(processor._get_num_multimodal_tokens(image_sizes=[(240, 320), (200, 300)]).num_image_tokens)
     assert out["corrupt"]["error"].startswith("image: truncated or corrupt")
     assert out["empty"]["error"] == "image: empty (0 bytes)"

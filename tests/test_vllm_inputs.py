@@ -9,14 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import encode, resized
+from conftest import encode, hf_engine, preprocessor, resized
 from PIL import Image
 
-from pipeline.checks import check_environment, check_vllm_settings, vllm_model_facts
+from pipeline.checkpoint import Checkpoint
+from pipeline.checks import check_environment, check_vllm_settings
 from pipeline.config import load_config
-from pipeline.engines.hf import HFEngine
-from pipeline.preprocess import Preprocessor, Record, RowError
-from pipeline.vllm_inputs import encode_for_vllm, max_image_tokens, working_images
+from pipeline.errors import ConfigError, PromptError
+from pipeline.records import Record
+from pipeline.vllm_inputs import encode_for_vllm, working_images
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 16
@@ -48,10 +49,10 @@ def _pixels(pre, image):
 @pytest.mark.parametrize("family", ["tiny_llava", "tiny_llava_next"])
 @pytest.mark.parametrize("name, h, w", SIZES)
 def test_working_image_gives_the_processor_the_same_pixels_and_tokens(request, family, name, h, w):
-    pre = Preprocessor(_cfg(request.getfixturevalue(family)))
+    pre = preprocessor(_cfg(request.getfixturevalue(family)))
     original = _pil(resized(name, h, w))
     prompt = "USER: <image>\nWhat is this? ASSISTANT:"
-    req = encode_for_vllm(pre, "r", prompt, [original])
+    req = encode_for_vllm(pre.checkpoint, "r", prompt, [original])
     [small] = req.images
     assert small.dtype == np.uint8 and small.ndim == 3 and req.image_sizes == [small.shape[:2]]
     if h * w > 1_000_000:  # large photos shrink to the working size: 3x fewer bytes or better
@@ -78,11 +79,11 @@ def test_downscaling_does_not_change_the_greedy_answer(request, family):
     """transformers on the original photo vs on the image encode_for_vllm hands to vLLM."""
     ckpt = request.getfixturevalue(family)
     cfg = _cfg(ckpt)
-    pre, engine = Preprocessor(cfg), HFEngine(cfg)
+    pre, engine = preprocessor(cfg), hf_engine(cfg)
     originals, downscaled = [], []
     for i, (name, h, w) in enumerate(SIZES):
         data = resized(name, h, w)
-        [small] = working_images(pre, [_pil(data)])
+        [small] = working_images(pre.checkpoint, [_pil(data)])
         prompt = f"Describe the {name}."
         originals.append(pre.prepare(Record(id=i, images=[data], prompt=prompt)))
         downscaled.append(pre.prepare(Record(id=i, images=[encode(small)], prompt=prompt)))  # PNG: lossless
@@ -95,22 +96,22 @@ def test_downscaling_does_not_change_the_greedy_answer(request, family):
 
 
 def test_multi_image_row_counts_each_image(tiny_llava_next):
-    pre = Preprocessor(_cfg(tiny_llava_next))
+    pre = preprocessor(_cfg(tiny_llava_next))
     images = [_pil(resized("chelsea", 300, 451)), _pil(resized("coffee", 1500, 2000))]
     prompt = "[INST] <image>\n<image>\nCompare. [/INST]"
-    req = encode_for_vllm(pre, "pair", prompt, images)
+    req = encode_for_vllm(pre.checkpoint, "pair", prompt, images)
     expected = pre.processor(images=[Image.fromarray(a) for a in req.images], text=prompt, return_tensors="np")["input_ids"][0]
     np.testing.assert_array_equal(req.input_ids, expected)
     assert req.image_sizes == [(300, 451), req.images[1].shape[:2]] and req.images[1].shape[1] < 2000
 
-    with pytest.raises(RowError, match=r"prompt: 2 image placeholders for 1 image\(s\)"):
-        encode_for_vllm(pre, "x", prompt, images[:1])
+    with pytest.raises(PromptError, match=r"prompt: 2 image placeholders for 1 image\(s\)"):
+        encode_for_vllm(pre.checkpoint, "x", prompt, images[:1])
 
 
 def test_max_image_tokens(tiny_llava, tiny_llava_next):
-    assert max_image_tokens(Preprocessor(_cfg(tiny_llava)).processor) == 576
+    assert Checkpoint.load(_cfg(tiny_llava).model).max_image_tokens == 576
     # 576 (thumbnail) + 48x48 grid features + 48 row newlines for a 672x672 pinpoint.
-    assert max_image_tokens(Preprocessor(_cfg(tiny_llava_next)).processor) == 2928
+    assert Checkpoint.load(_cfg(tiny_llava_next).model).max_image_tokens == 2928
 
 
 def _vllm_cfg(ckpt, **extra):
@@ -139,14 +140,14 @@ def _vllm_cfg(ckpt, **extra):
 )
 def test_vllm_settings_that_cannot_work_are_one_line_errors(tiny_llava_next, extra, message):
     cfg = _vllm_cfg(tiny_llava_next, **extra)
-    with pytest.raises(ValueError) as e:
-        check_vllm_settings(cfg, *vllm_model_facts(cfg))
+    with pytest.raises(ConfigError) as e:
+        check_vllm_settings(cfg, Checkpoint.load(cfg.model))
     assert str(e.value) == message
 
 
 def test_vllm_settings_that_fit_pass(tiny_llava, tiny_llava_next):
     for cfg in (_vllm_cfg(tiny_llava_next), _vllm_cfg(tiny_llava, vllm={"limit_mm_per_prompt": 1})):
-        check_vllm_settings(cfg, *vllm_model_facts(cfg))
+        check_vllm_settings(cfg, Checkpoint.load(cfg.model))
 
 
 needs_no_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
@@ -155,7 +156,7 @@ needs_no_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is not None,
 @needs_no_vllm
 def test_backend_vllm_without_vllm_names_what_to_install(tiny_llava, tmp_path):
     cfg = _vllm_cfg(tiny_llava)
-    with pytest.raises(ValueError, match=r"^backend: 'vllm' needs the vllm extra: pip install 'llava-ray\[vllm\]'$"):
+    with pytest.raises(ConfigError, match=r"^backend: 'vllm' needs the vllm extra: pip install 'llava-ray\[vllm\]'$"):
         check_environment(cfg)
 
     f = tmp_path / "job.yaml"
@@ -174,4 +175,4 @@ def test_importing_the_vllm_engine_needs_no_vllm():
 
     assert vllm_engine.VLLMEngine and vllm_engine.VLLMAsyncEngine
     with pytest.raises(ImportError):
-        vllm_engine.VLLMEngine(load_config({"model": {"name": "m"}, "backend": "vllm"}))
+        vllm_engine.VLLMEngine(load_config({"model": {"name": "m"}, "backend": "vllm"}), None)

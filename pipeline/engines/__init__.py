@@ -1,18 +1,23 @@
-"""Engines behind one protocol (`base.Engine`); `make_engine` picks one from the config."""
+"""The engines behind the two protocols of `base`; `engine_class` picks one from the config."""
 
 from __future__ import annotations
 
+from ..checkpoint import Checkpoint
 from ..config import Config
-from .base import Engine
+from .base import AsyncEngine, Engine
 
 
-def make_engine(cfg: Config, *, asynchronous: bool = False) -> Engine:
-    """asynchronous=True (vLLM): the async engine with agenerate/astream, for Serve and for the
-    offline stage's batches in flight; the transformers engine serves both ways."""
+def engine_class(cfg: Config) -> type:
+    """vLLM: its async engine (the endpoint streams from it; the job keeps batches in flight on
+    it). transformers: the blocking HFEngine, batched by the caller."""
     if cfg.backend == "vllm":
-        from .vllm_engine import VLLMAsyncEngine, VLLMEngine
+        from .vllm_engine import VLLMAsyncEngine
 
-        return VLLMAsyncEngine(cfg) if asynchronous else VLLMEngine(cfg)
+        return VLLMAsyncEngine
     from .hf import HFEngine
 
-    return HFEngine(cfg)
+    return HFEngine
+
+
+def make_engine(cfg: Config, checkpoint: Checkpoint) -> Engine | AsyncEngine:
+    return engine_class(cfg)(cfg, checkpoint)

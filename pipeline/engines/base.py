@@ -1,64 +1,38 @@
-"""The engine contract shared by the offline job and the endpoint (no Ray, no I/O).
+"""The engine contracts shared by the offline job and the endpoint (no Ray, no I/O).
 
-record -> Preprocessor -> PreparedRequest -> Engine.generate -> Result
+record -> Preprocessor -> PreparedRequest -> engine -> Result. Two protocols: `Engine` blocks
+(transformers; the vLLM `LLM`), `AsyncEngine` is awaited (vLLM's AsyncLLM). Callers choose by
+type (`isinstance` / `is_async`), never by probing attributes. Both carry the labels every output
+row records: `model_name` and `backend`, set by `EngineLabels`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import logging
-from typing import Any, Callable, Iterator, Protocol
+from typing import AsyncIterator, Callable, Iterator, Protocol, runtime_checkable
 
-import numpy as np
-
-from ..config import GenerationConfig
+from ..config import Config, GenerationConfig
+from ..errors import EngineError
+from ..records import PreparedRequest, Result
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class PreparedRequest:
-    """What the CPU stage hands the model stage: compact, so it is cheap to move between actors.
-
-    For transformers: `input_ids` already hold one `<image>` token per image feature, and
-    `tiles` are the processor's resized/cropped tiles as uint8 (the model side rescales and
-    normalises). For vLLM: `prompt` and the decoded RGB `images` are what the engine takes.
-    """
-
-    id: Any
-    prompt: str
-    input_ids: np.ndarray  # [L] int32, image tokens expanded
-    image_tokens: int = 0
-    tiles: np.ndarray | None = None  # [total_tiles, 3, H, W] uint8 (all images of the row)
-    tiles_per_image: list[int] = field(default_factory=list)
-    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) as decoded
-    images: list[np.ndarray] = field(default_factory=list)  # [H, W, 3] uint8, vLLM only
-
-    @property
-    def prompt_tokens(self) -> int:
-        return int(self.input_ids.shape[0])
-
-
-@dataclass
-class Result:
-    id: Any
-    text: str | None
-    finish_reason: str | None  # "stop" | "length" | None on error
-    prompt_tokens: int = 0
-    image_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
-
-    @classmethod
-    def failed(cls, request_id: Any, error: str, prompt_tokens: int = 0, image_tokens: int = 0) -> "Result":
-        return cls(request_id, None, None, prompt_tokens, image_tokens, 0, error)
-
-
-class Engine(Protocol):
-    """A loaded model. `model_name` and `backend` label every output row."""
+class EngineLabels:
+    """`model_name` (as configured) and `backend` (what ran, e.g. "transformers/float32/sdpa",
+    "vllm/bfloat16"). Kept out of the protocols: protocols with data members cannot be used
+    with issubclass, which the job needs to pick its stage class before any engine exists."""
 
     model_name: str
-    backend: str  # e.g. "transformers/float32/sdpa", "vllm/bfloat16"
+    backend: str
+
+    def __init__(self, model_name: str, backend: str):
+        self.model_name, self.backend = model_name, backend
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded model called from a thread."""
 
     def generate(self, requests: list[PreparedRequest], sampling: GenerationConfig) -> list[Result]:
         """One Result per request, in order. A row's failure is that row's `error`, never a raise."""
@@ -69,6 +43,43 @@ class Engine(Protocol):
         ...
 
 
+@runtime_checkable
+class AsyncEngine(Protocol):
+    """A loaded model awaited on an event loop; it batches concurrent calls itself."""
+
+    async def agenerate(self, requests: list[PreparedRequest], sampling: GenerationConfig) -> list[Result]:
+        """As `Engine.generate`; raises only `EngineDead`."""
+        ...
+
+    def astream(self, request: PreparedRequest, sampling: GenerationConfig) -> AsyncIterator[str | Result]:
+        """As `Engine.stream`, asynchronously."""
+        ...
+
+
+def is_async(engine_type: type) -> bool:
+    """Whether instances of `engine_type` are awaited (AsyncEngine) or called (Engine)."""
+    if issubclass(engine_type, AsyncEngine):
+        return True
+    if issubclass(engine_type, Engine):
+        return False
+    raise TypeError(f"{engine_type.__name__} implements neither Engine nor AsyncEngine")
+
+
+def resolve_device(cfg: Config) -> str:
+    import torch
+
+    if cfg.model.device != "auto":
+        return cfg.model.device
+    wants_gpu = cfg.resources.num_gpus_per_actor > 0 or cfg.backend == "vllm"
+    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(cfg: Config, device: str) -> str:
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    return "bfloat16" if device == "cuda" else "float32"
+
+
 def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """Cut `text` before the first stop string (OpenAI semantics: the stop is not returned)."""
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
@@ -76,7 +87,7 @@ def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
 
 
 def failed(request: PreparedRequest, error: Exception) -> Result:
-    return Result.failed(request.id, f"engine: {type(error).__name__}: {error}", request.prompt_tokens, request.image_tokens)
+    return Result.failed(request.id, str(EngineError.wrap(error)), request.prompt_tokens, request.image_tokens)
 
 
 def generate_with_row_fallback(

@@ -8,27 +8,12 @@ from typing import Iterator
 
 import numpy as np
 
+from ..checkpoint import Checkpoint
 from ..config import Config, GenerationConfig
-from ..families import resolve_model_name
-from ..preprocess import load_family, load_processor
-from .base import PreparedRequest, Result, generate_with_row_fallback, truncate_at_stop
+from ..records import PreparedRequest, Result
+from .base import EngineLabels, generate_with_row_fallback, resolve_device, resolve_dtype, truncate_at_stop
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(cfg: Config) -> str:
-    import torch
-
-    if cfg.model.device != "auto":
-        return cfg.model.device
-    wants_gpu = cfg.resources.num_gpus_per_actor > 0 or cfg.backend == "vllm"
-    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
-
-
-def resolve_dtype(cfg: Config, device: str) -> str:
-    if cfg.model.dtype != "auto":
-        return cfg.model.dtype
-    return "bfloat16" if device == "cuda" else "float32"
 
 
 def bnb_config(cfg: Config):
@@ -61,27 +46,27 @@ def backend_label(cfg: Config, dtype: str) -> str:
     return label
 
 
-class HFEngine:
-    """Loads the checkpoint once; `generate` runs a batch, falling back to rows on a batch error."""
+class HFEngine(EngineLabels):
+    """Loads the weights once; `generate` runs a batch, falling back to rows on a batch error."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, checkpoint: Checkpoint):
         import torch
         import transformers
 
         self.cfg = cfg
-        self.family = load_family(cfg)
+        self.family = checkpoint.family
         self.device = resolve_device(cfg)
         self.dtype = resolve_dtype(cfg, self.device)
         threads = cfg.model.torch_threads or max(1, int(cfg.resources.model_cpus))
         if self.device == "cpu":
             torch.set_num_threads(threads)
-        self.processor = load_processor(cfg)
+        self.processor = checkpoint.processor
         self.tokenizer = self.processor.tokenizer
         model_cls = getattr(transformers, self.family.model_class)
         quantization = bnb_config(cfg)
         self.model = model_cls.from_pretrained(
-            resolve_model_name(cfg.model.name),
-            revision=cfg.model.revision,
+            checkpoint.path,
+            revision=checkpoint.revision,
             dtype=getattr(torch, self.dtype),
             attn_implementation=cfg.model.attn_implementation,
             quantization_config=quantization,
@@ -96,8 +81,7 @@ class HFEngine:
         self._rescale = float(ip.rescale_factor)
         self.eos_ids = set(np.atleast_1d(self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id).tolist())
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
-        self.model_name = cfg.model.name
-        self.backend = backend_label(cfg, self.dtype)
+        super().__init__(checkpoint.name, backend_label(cfg, self.dtype))
         self._lock = threading.Lock()  # one generate at a time per model (Serve runs handlers concurrently)
         logger.info("loaded %s (%s) on %s as %s", self.model_name, self.family.name, self.device, self.backend)
 

@@ -15,26 +15,23 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
+from ..checkpoint import Checkpoint
 from ..config import Config, GenerationConfig
-from ..families import resolve_model_name
-from .base import PreparedRequest, Result, failed, generate_with_row_fallback
-from .hf import resolve_dtype
+from ..errors import EngineDead
+from ..records import PreparedRequest, Result
+from .base import EngineLabels, failed, generate_with_row_fallback, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
 
-class EngineDead(RuntimeError):
-    """vLLM's engine process died: nothing more can run in this process (restart the actor)."""
-
-
-def engine_args(cfg: Config) -> dict[str, Any]:
+def engine_args(cfg: Config, checkpoint: Checkpoint) -> dict[str, Any]:
     """Config -> keyword arguments of `vllm.LLM` / `vllm.AsyncEngineArgs` (vLLM 0.26 names)."""
     v = cfg.vllm
     return dict(
-        model=resolve_model_name(cfg.model.name),
-        revision=cfg.model.revision,
+        model=checkpoint.path,
+        revision=checkpoint.revision,
         dtype=resolve_dtype(cfg, "cuda"),
         max_model_len=v.max_model_len,
         limit_mm_per_prompt={"image": v.limit_mm_per_prompt},
@@ -88,22 +85,19 @@ def final_result(request: PreparedRequest, output) -> Result:
     return to_result(request, output.prompt_token_ids, c.text, len(c.token_ids), c.finish_reason)
 
 
-class _Labels:
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.model_name = cfg.model.name
-        self.backend = f"vllm/{resolve_dtype(cfg, 'cuda')}"
+def _label(cfg: Config) -> str:
+    return f"vllm/{resolve_dtype(cfg, 'cuda')}"
 
 
-class VLLMEngine(_Labels):
+class VLLMEngine(EngineLabels):
     """`vllm.LLM`: `generate` hands the whole batch to one `LLM.generate` call."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, checkpoint: Checkpoint):
         from vllm import LLM
 
-        super().__init__(cfg)
+        super().__init__(checkpoint.name, _label(cfg))
         start = time.perf_counter()
-        self.llm = LLM(**engine_args(cfg))
+        self.llm = LLM(**engine_args(cfg, checkpoint))
         logger.info("vLLM engine for %s (%s) ready in %.1f s", self.model_name, self.backend, time.perf_counter() - start)
 
     def generate(self, requests: list[PreparedRequest], sampling: GenerationConfig) -> list[Result]:
@@ -116,23 +110,30 @@ class VLLMEngine(_Labels):
 
         return generate_with_row_fallback(run_batch, requests)
 
+    def stream(self, request: PreparedRequest, sampling: GenerationConfig) -> Iterator[str | Result]:
+        """`LLM` has no incremental output: the whole text as one delta, then the Result."""
+        [result] = self.generate([request], sampling)
+        if result.text:
+            yield result.text
+        yield result
+
     def close(self) -> None:
         """Stop the engine-core process now (it otherwise goes when the LLM is collected)."""
         self.llm.llm_engine.engine_core.shutdown()
 
 
-class VLLMAsyncEngine(_Labels):
+class VLLMAsyncEngine(EngineLabels):
     """vLLM's `AsyncLLM`: every request is its own stream, so rows fail alone and batches from
     concurrent callers share the engine's continuous batching."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, checkpoint: Checkpoint):
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
-        super().__init__(cfg)
+        super().__init__(checkpoint.name, _label(cfg))
         start = time.perf_counter()
         # Built outside any event loop is fine: AsyncLLM starts its output handler on the loop
         # of the first request (Ray Data's UDF loop or the Serve replica's).
-        self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**engine_args(cfg)))
+        self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**engine_args(cfg, checkpoint)))
         logger.info("vLLM async engine for %s (%s) ready in %.1f s", self.model_name, self.backend, time.perf_counter() - start)
 
     def _stream(self, request: PreparedRequest, params):

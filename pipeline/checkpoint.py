@@ -1,0 +1,90 @@
+"""Open a checkpoint once: its family, its processor, and the model-config facts every stage needs.
+
+The Preprocessor, both engines, the vLLM input code and the start-up checks all take the same
+`Checkpoint` instead of each calling `from_pretrained` on the config and processor again. Only the
+model weights are loaded elsewhere (by the engine that runs them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .config import ModelConfig
+from .errors import ConfigError
+from .families import FAMILIES, PRESETS, FamilySpec, family_spec
+
+
+def resolve_model_name(name: str) -> str:
+    """A preset short name -> its hub id; `tiny-llava[-next]` -> the cached tiny checkpoint's
+    path (built on first use); anything else (hub id, local path) unchanged."""
+    from .tiny import TINY_NAMES, ensure_tiny
+
+    if name in TINY_NAMES:
+        return str(ensure_tiny(name))
+    return PRESETS.get(name, name)
+
+
+def _family(model: ModelConfig, model_type: str) -> FamilySpec:
+    if model.family != "auto":
+        return family_spec(model.family)
+    for spec in FAMILIES.values():
+        if model_type in spec.hf_model_types:
+            return spec
+    known = sorted(t for s in FAMILIES.values() for t in s.hf_model_types)
+    raise ConfigError("model.name", f"{model.name!r} is a {model_type!r} checkpoint; llava-ray runs {known}")
+
+
+def _max_image_tokens(processor) -> int:
+    """The most tokens one image can take: a NeXT image the shape of its largest pinpoint
+    (2928 for the 336-px CLIP tower), a LLaVA-1.5 image always 576."""
+    ip = processor.image_processor
+    pinpoints = getattr(ip, "image_grid_pinpoints", None)
+    sizes = [tuple(p) for p in pinpoints] if pinpoints else [(ip.crop_size["height"], ip.crop_size["width"])]
+    return max(processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str  # as configured: labels every output row
+    path: str  # what from_pretrained takes: a local folder or a hub id
+    revision: str | None
+    family: FamilySpec
+    config: Any  # transformers' LlavaConfig / LlavaNextConfig
+    processor: Any  # the checkpoint's own processor: tokenizer, image processor, chat template
+    context_len: int  # the text model's max_position_embeddings
+    image_token_id: int
+    max_image_tokens: int
+
+    @classmethod
+    def load(cls, model: ModelConfig) -> "Checkpoint":
+        """Read config.json and the processor files (no weights). A path or id that is not a
+        loadable LLaVA checkpoint is a ConfigError naming model.name, before any work starts."""
+        from transformers import AutoConfig, AutoProcessor
+
+        path = resolve_model_name(model.name)
+        try:
+            config = AutoConfig.from_pretrained(path, revision=model.revision)
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError("model.name", f"{model.name!r} is not a loadable checkpoint: {_first_line(e)}") from None
+        family = _family(model, config.model_type)
+        try:
+            processor = AutoProcessor.from_pretrained(path, revision=model.revision)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError("model.name", f"{model.name!r} has no usable processor: {_first_line(e)}") from None
+        return cls(
+            name=model.name,
+            path=path,
+            revision=model.revision,
+            family=family,
+            config=config,
+            processor=processor,
+            context_len=config.text_config.max_position_embeddings,
+            image_token_id=config.image_token_index,
+            max_image_tokens=_max_image_tokens(processor),
+        )

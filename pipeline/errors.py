@@ -1,0 +1,92 @@
+"""Every exception the project raises on purpose, in one leaf module (it imports nothing of ours).
+
+Callers test the type, never the text: the job turns a `RowError` into that row's `error`, the
+CLI turns a `ConfigError` / `JobError` into one line and an exit code, and the endpoint maps each
+type to one OpenAI status and error code (deployments/errors.py). See ARCHITECTURE.md, "Errors".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LlavaRayError(Exception):
+    """Base of the project's own errors."""
+
+
+class ConfigError(LlavaRayError):
+    """A setting that cannot work, as one line naming the key: `key: what is wrong; the fix`.
+
+    Not a ValueError on purpose: raised inside a pydantic validator it propagates as itself
+    instead of being wrapped into a ValidationError that would hide the key.
+    """
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+
+
+class JobError(LlavaRayError):
+    """The job cannot start (input layout, duplicate ids, output location): one line, before
+    any work."""
+
+
+class RowError(LlavaRayError):
+    """One row's (or one request's) own fault. str() is the row's `error`: `<stage>: <cause>`."""
+
+    stage = "input"
+
+    def __init__(self, message: str):
+        super().__init__(f"{self.stage}: {message}")
+
+
+class InputError(RowError):
+    """A column value of the wrong type or shape."""
+
+    stage = "input"
+
+
+class ImageError(RowError):
+    """An image that cannot be read, decoded, or used within the limits."""
+
+    stage = "image"
+
+
+class MessagesError(RowError):
+    """A conversation that is not a valid list of turns, or that the chat template refuses."""
+
+    stage = "messages"
+
+
+class PromptError(RowError):
+    """A prompt the model cannot take as given (e.g. it holds the image placeholder itself)."""
+
+    stage = "prompt"
+
+
+class PromptTooLong(PromptError):
+    """Prompt tokens (+ max_new_tokens) over the model's context or limits.max_prompt_tokens."""
+
+
+class EngineError(RowError):
+    """The engine failed on this row alone (after the batch was retried row by row)."""
+
+    stage = "engine"
+
+    @classmethod
+    def wrap(cls, error: BaseException) -> "EngineError":
+        return cls(f"{type(error).__name__}: {error}")
+
+
+class EngineDead(LlavaRayError):
+    """The engine process died: nothing more can run in this process (restart the actor)."""
+
+
+def describe_validation_error(err: Any) -> tuple[str, str]:
+    """(dotted location, one-line message) of a pydantic ValidationError's first error."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = "unknown key (check the spelling)" if first["type"] == "extra_forbidden" else first["msg"]
+    msg = msg.removeprefix("Value error, ")
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return loc, f"{msg}{more}".replace("\n", " ")

@@ -1,0 +1,130 @@
+"""The layering rules of ARCHITECTURE.md, checked on the source (ast), so they hold from now on."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "deployments")
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Project modules `path` imports, at any depth (function-level imports count too)."""
+    module = _module(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                prefix = ".".join(base + ([node.module] if node.module else []))
+            else:
+                prefix = node.module or ""
+            # `from . import x` may name a submodule: keep both candidates, filtered below.
+            names = [prefix] + [f"{prefix}.{a.name}" for a in node.names]
+        else:
+            continue
+        found.update(n for n in names if n.split(".")[0] in PACKAGES)
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")]
+    modules = {_module(p): p for p in files}
+    return {m: {i for i in _imports(p) if i in modules and i != m} for m, p in modules.items()}
+
+
+def _cycle(g: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(g[m]):
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(g):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_the_graph_sees_real_imports():
+    g = graph()
+    assert "pipeline.errors" in g["pipeline.config"]
+    assert "pipeline.checkpoint" in g["pipeline.preprocess"]
+    assert "deployments.app" in g["pipeline.cli"]
+
+
+def test_no_import_cycle():
+    assert _cycle(graph()) is None, " -> ".join(_cycle(graph()))
+
+
+def test_a_cycle_would_be_found():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_pipeline_imports_deployments_only_from_the_cli():
+    offenders = {m: sorted(i for i in deps if i.startswith("deployments")) for m, deps in graph().items()
+                 if m.startswith("pipeline") and m != "pipeline.cli"}
+    assert {m: d for m, d in offenders.items() if d} == {}
+
+
+def test_errors_is_a_leaf():
+    assert graph()["pipeline.errors"] == set()
+
+
+def test_code_points_to_nothing_outside_the_repository():
+    cited = [p for p in ROOT.rglob("*") if p.suffix in (".py", ".md", ".yaml", ".toml") and ".venv" not in p.parts
+             and "DESIGN.md" in p.read_text(errors="ignore") and p.name != "test_architecture.py"]
+    assert cited == []
+
+
+# ARCHITECTURE.md's layer table: a module may import only modules of lower layers (and its own
+# package's modules, for pipeline.engines).
+LAYERS = {
+    "pipeline.errors": 0,
+    "pipeline.config": 1, "pipeline.families": 1,
+    "pipeline.storage": 2, "pipeline.fetch": 2, "pipeline.tiny": 2,
+    "pipeline.checkpoint": 3, "pipeline.images": 3, "pipeline.records": 3,
+    "pipeline.vllm_inputs": 4, "pipeline.engines": 4,
+    "pipeline.preprocess": 5, "pipeline.checks": 5,
+    "pipeline.stages": 6, "pipeline.resume": 6,
+    "pipeline.job": 7, "pipeline.demo": 7,
+    "pipeline.cli": 8, "pipeline.__main__": 9,
+    "deployments": 6,  # the endpoint: pipeline layers 0-5 below it
+    "deployments.app": 9,  # imported by the CLI only
+}
+
+
+def _layer(module: str) -> tuple[str, int]:
+    key = max((k for k in LAYERS if module == k or module.startswith(k + ".")), key=len)
+    return key, LAYERS[key]
+
+
+def test_imports_follow_the_layer_table():
+    wrong = []
+    for module, deps in graph().items():
+        if module == "pipeline" or module == "deployments":
+            continue
+        group, layer = _layer(module)
+        for dep in deps:
+            dep_group, dep_layer = _layer(dep)
+            same_package = group == dep_group and group in ("pipeline.engines", "deployments")
+            allowed = dep_layer < layer or same_package or (module == "pipeline.cli" and dep == "deployments.app")
+            if not allowed:
+                wrong.append(f"{module} (layer {layer}) imports {dep} (layer {dep_layer})")
+    assert wrong == []
