@@ -12,14 +12,13 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import read_output, resized, write_parquet
+from conftest import ROOT, read_output, resized, write_parquet
 
 from pipeline.config import load_config
 from pipeline.job import run_job
 from pipeline.resume import checkpoint_path
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(ckpt, tmp_path, n_rows, **resources):

@@ -3,18 +3,18 @@ model directory, the rows, and the FLOP count behind the MFU figure."""
 
 import importlib.util
 import io
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers as tf
+from conftest import ROOT
 from PIL import Image
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import ModelConfig
 
-spec = importlib.util.spec_from_file_location("bench_gpu", Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py")
+spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "gpu.py")
 gpu = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu)
 

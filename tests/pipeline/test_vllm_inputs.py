@@ -3,9 +3,6 @@ counts, the greedy answer they give, and the config checks and install hint."""
 
 import importlib.util
 import io
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,13 +10,11 @@ from conftest import encode, hf_engine, preprocessor, resized
 from PIL import Image
 
 from pipeline.checkpoint import Checkpoint
-from pipeline.checks import check_environment, check_vllm_settings
 from pipeline.config import load_config
-from pipeline.errors import ConfigError, PromptError
+from pipeline.errors import PromptError
 from pipeline.records import Record
 from pipeline.vllm_inputs import encode_for_vllm, working_images
 
-ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW = 16
 # (photo, height, width): large photos, both orientations, a thin strip, one already small.
 SIZES = [
@@ -114,59 +109,7 @@ def test_max_image_tokens(tiny_llava, tiny_llava_next):
     assert Checkpoint.load(_cfg(tiny_llava_next).model).max_image_tokens == 2928
 
 
-def _vllm_cfg(ckpt, **extra):
-    base = {"backend": "vllm", "resources": {"num_gpus_per_actor": 1}, "vllm": {"limit_mm_per_prompt": 4}}
-    for key, value in extra.items():
-        base[key] = {**base.get(key, {}), **value}
-    return _cfg(ckpt, **base)
-
-
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        ({"resources": {"num_gpus_per_actor": 0}},
-         "resources.num_gpus_per_actor: 0, but backend 'vllm' runs one engine per model actor on "
-         "vllm.tensor_parallel_size=1 whole GPU(s); set resources.num_gpus_per_actor=1"),
-        ({"vllm": {"limit_mm_per_prompt": 1}},
-         "vllm.limit_mm_per_prompt: 1, but rows may hold 4 images (llava_next, limits.max_images_per_row=4); "
-         "set vllm.limit_mm_per_prompt=4 or limits.max_images_per_row=1"),
-        ({"vllm": {"max_model_len": 8192}},
-         "vllm.max_model_len: 8192 exceeds the model's context of 4096 tokens; set vllm.max_model_len=4096 or less"),
-        ({"vllm": {"max_model_len": 2048}},
-         "vllm.max_model_len: 2048 cannot hold one llava_next image (2928 tokens at most) + "
-         "generation.max_new_tokens=16; set vllm.max_model_len to at least 2944 plus the prompt's text, "
-         "or lower generation.max_new_tokens"),
-    ],
-)
-def test_vllm_settings_that_cannot_work_are_one_line_errors(tiny_llava_next, extra, message):
-    cfg = _vllm_cfg(tiny_llava_next, **extra)
-    with pytest.raises(ConfigError) as e:
-        check_vllm_settings(cfg, Checkpoint.load(cfg.model))
-    assert str(e.value) == message
-
-
-def test_vllm_settings_that_fit_pass(tiny_llava, tiny_llava_next):
-    for cfg in (_vllm_cfg(tiny_llava_next), _vllm_cfg(tiny_llava, vllm={"limit_mm_per_prompt": 1})):
-        check_vllm_settings(cfg, Checkpoint.load(cfg.model))
-
-
 needs_no_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
-
-
-@needs_no_vllm
-def test_backend_vllm_without_vllm_names_what_to_install(tiny_llava, tmp_path):
-    cfg = _vllm_cfg(tiny_llava)
-    with pytest.raises(ConfigError, match=r"^backend: 'vllm' needs the vllm extra: pip install 'llava-ray\[vllm\]'$"):
-        check_environment(cfg)
-
-    f = tmp_path / "job.yaml"
-    f.write_text(f"model: {{name: {tiny_llava}}}\n")
-    res = subprocess.run(
-        [sys.executable, "-m", "pipeline", "check-config", str(f), "--set", "backend=vllm"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert res.returncode != 0
-    assert res.stderr.splitlines() == ["config error: backend: 'vllm' needs the vllm extra: pip install 'llava-ray[vllm]'"]
 
 
 @needs_no_vllm

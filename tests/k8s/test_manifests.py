@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 CRDS = ROOT / "k8s" / "crds"  # KubeRay v1.7.0's CRDs, unmodified (k8s/crds/SOURCE.txt)
 APP_DIR = "/app/"  # WORKDIR of k8s/Dockerfile: the image's copy of the repository
@@ -454,7 +454,11 @@ def test_rayjob_entrypoint_passes_check_config(rayjob, tiny_llava):
 
 
 def serve_schema_fields() -> dict[str, set[str]]:
-    from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
+    from ray.serve.schema import (
+        DeploymentSchema,
+        ServeApplicationSchema,
+        ServeDeploySchema,
+    )
 
     return {k: set(m.model_fields) for k, m in
             (("deploy", ServeDeploySchema), ("app", ServeApplicationSchema), ("deployment", DeploymentSchema))}

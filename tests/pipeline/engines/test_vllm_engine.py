@@ -16,7 +16,15 @@ import socket
 import httpx
 import pyarrow as pa
 import pytest
-from conftest import encode, hf_engine, photo, preprocessor, read_output, resized, write_parquet
+from conftest import (
+    encode,
+    hf_engine,
+    photo,
+    preprocessor,
+    read_output,
+    resized,
+    write_parquet,
+)
 
 from pipeline.config import load_config
 

@@ -1,19 +1,11 @@
 """Config validation, overrides, and the CLI's exit codes and one-line errors."""
 
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT, cli
 
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 def test_shipped_configs_validate():
