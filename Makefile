@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]' torch==2.13.0
 	touch $@
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-gpu
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -19,3 +19,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+# On a CUDA machine: the vllm extra (it brings its own CUDA build of torch) and the gpu tests.
+GPU_VENV ?= .venv-gpu
+test-gpu:
+	python3 -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q -e '.[test,vllm]'
+	$(GPU_VENV)/bin/python -m pytest -m gpu -s

@@ -229,7 +229,8 @@ def _job_main(results, cfg_data: dict) -> None:
     import ray
     from ray.data import DataContext
 
-    from pipeline.job import local_cpus, run_job
+    from pipeline.cluster import local_cpus
+    from pipeline.job import run_job
 
     cfg = Config.model_validate(cfg_data)
     cpus = local_cpus(cfg)

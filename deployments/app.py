@@ -19,6 +19,7 @@ from ray import serve
 from ray.serve import Application
 
 from pipeline.checks import check_environment
+from pipeline.cluster import init_ray
 from pipeline.config import Config, ServeConfig, load_config
 
 from .model import LlavaModelServer
@@ -86,9 +87,7 @@ def serve_local(cfg: Config, *, blocking: bool = True, on_ready: Callable[[str],
     """
     import ray
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init()
+    started_ray = init_ray(cfg)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build(cfg), name=APP_NAME, route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"

@@ -55,6 +55,7 @@ class ChatCompletionRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    min_tokens: int | None = Field(default=None, ge=0)  # vLLM's extension: no stop (EOS included) before this
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
@@ -95,6 +96,7 @@ class ChatCompletionRequest(BaseModel):
         """Request sampling over the config's defaults; validated again as a GenerationConfig."""
         given = {
             "max_new_tokens": self.max_completion_tokens or self.max_tokens,
+            "min_new_tokens": self.min_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "seed": self.seed,

@@ -58,6 +58,35 @@ async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield item
 
 
+async def sse_events(request_id: str, model: str, first, deltas, include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's chunk sequence from the model's stream (`first`, then `deltas`: text deltas, then
+    the request's Result): role, content deltas, finish_reason, [usage], [DONE]. Once headers are
+    sent a failure can only travel as an error event, followed by [DONE]."""
+
+    def chunk(delta: Delta, finish_reason: str | None = None) -> str:
+        choice = ChunkChoice(delta=delta, finish_reason=finish_reason)
+        return _sse(ChatCompletionChunk(id=request_id, model=model, choices=[choice]).model_dump())
+
+    try:
+        yield chunk(Delta(role="assistant", content=""))
+        async for item in _chain(first, deltas):
+            if isinstance(item, Result):
+                result = item
+            elif item:
+                yield chunk(Delta(content=item))
+        if result.error:
+            raise APIError(500, result.error, type="server_error")
+        yield chunk(Delta(), result.finish_reason)
+        if include_usage:
+            usage = ChatCompletionChunk(id=request_id, model=model, choices=[], usage=Usage.of(result))
+            yield _sse(usage.model_dump())
+    except Exception as e:
+        yield _sse(to_api_error(e).body())
+    finally:
+        deltas.cancel()
+    yield _sse("[DONE]")
+
+
 class LlavaIngressServer:
     """The `LlavaIngress` replica's state and handlers; `model` is the LlavaModel handle.
 
@@ -151,37 +180,10 @@ class LlavaIngressServer:
         # Pull the first item before answering 200, so an overloaded model is a 503, not a broken stream.
         first = await deltas.__anext__()
         return StreamingResponse(
-            self._events(request_id, first, deltas, include_usage),
+            sse_events(request_id, self.served_name, first, deltas, include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-
-    async def _events(self, request_id: str, first, deltas, include_usage: bool) -> AsyncIterator[str]:
-        """OpenAI's chunk sequence: role, content deltas, finish_reason, [usage], [DONE]."""
-
-        def chunk(delta: Delta, finish_reason: str | None = None) -> str:
-            choice = ChunkChoice(delta=delta, finish_reason=finish_reason)
-            return _sse(ChatCompletionChunk(id=request_id, model=self.served_name, choices=[choice]).model_dump())
-
-        try:
-            yield chunk(Delta(role="assistant", content=""))
-            async for item in _chain(first, deltas):  # text deltas, then the request's Result
-                if isinstance(item, Result):
-                    result = item
-                elif item:
-                    yield chunk(Delta(content=item))
-            if result.error:
-                raise APIError(500, result.error, type="server_error")
-            yield chunk(Delta(), result.finish_reason)
-            if include_usage:
-                usage = ChatCompletionChunk(id=request_id, model=self.served_name, choices=[], usage=Usage.of(result))
-                yield _sse(usage.model_dump())
-        except Exception as e:  # headers are sent: the error travels as an event
-            yield _sse(to_api_error(e).body())
-        finally:
-            deltas.cancel()
-        yield _sse("[DONE]")
-
 
 def _server() -> LlavaIngressServer:
     return serve.get_replica_context().servable_object

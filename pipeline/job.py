@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import math
-import os
 import time
 
 import pyarrow.compute as pc
 from pydantic import BaseModel
 
 from .checks import check_environment
+from .cluster import init_ray
 from .config import Config
 from .errors import JobError
 from .stages import (
@@ -89,17 +88,7 @@ def build_dataset(cfg: Config, columns: list[str], files: list[str], fs, repeate
     return ds.map_batches(generate_stage(cfg), **generate_kwargs(cfg))
 
 
-def local_cpus(cfg: Config) -> int:
-    """Logical CPUs for an embedded Ray: the two actor pools, Ray Data's checkpoint-filter actor
-    on a resumed run (1 CPU, not configurable), and one CPU for read/write tasks -- on a 2-core
-    machine the machine's count alone leaves a resumed job with no CPU for reads and it hangs."""
-    r = cfg.resources
-    need = r.preprocess_actors * r.preprocess_cpus + r.model_actors * r.model_cpus + 2
-    return max(os.cpu_count() or 1, math.ceil(need))
-
-
 def run_job(cfg: Config, *, retry_failed: bool = False) -> JobSummary:
-    import ray
     from ray.data import DataContext
     from ray.data.checkpoint import CheckpointConfig
 
@@ -118,13 +107,7 @@ def run_job(cfg: Config, *, retry_failed: bool = False) -> JobSummary:
         drop_failed_rows(cfg)
     files_before = set(output_files(cfg.output.path, cfg.storage))
 
-    if not ray.is_initialized():
-        # RAY_ADDRESS set (a RayJob): attach to that cluster. Otherwise start a Ray of our own,
-        # even when another `ray start` runs on this machine ("local" never attaches to it).
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(configure_logging=False)
-        else:
-            ray.init(address="local", num_cpus=local_cpus(cfg), configure_logging=False)
+    init_ray(cfg)
     ctx = DataContext.get_current()
     ckpt_fs, ckpt_path = arrow_fs(checkpoint_path(cfg), cfg.storage)
     ctx.checkpoint_config = CheckpointConfig(

@@ -147,12 +147,21 @@ def build_tiny_checkpoint(
     vocab_size: int = 512,
     seed: int = 0,
     save_dtype: str = "float32",
+    attention_gain: float = 15.0,
+    value_gain: float = 5.0,
 ) -> Path:
     """Write a tiny random checkpoint of `family` ('llava' or 'llava_next') to `out_dir`.
 
     Widths default to 64 so every linear layer's input size is a multiple of 64, which
     bitsandbytes' CPU kernels need for 4-/8-bit loading. `save_dtype` bfloat16 stores weights
     the way real LLaVA checkpoints are stored (half precision).
+
+    Freshly initialised attention is nearly uniform, so a prompt's few tokens drown among the
+    576+ image positions and every prompt gets the same answer: a test could not see a dropped
+    prompt. `attention_gain` scales the language model's q/k projections (sharper, content-
+    dependent attention) and `value_gain` its v/o projections (attention output comparable to
+    the residual stream), so answers depend on the prompt and on the image (tests/pipeline/
+    test_tiny.py pins that). 1.0 and 1.0 give the plain random initialisation.
     """
     import torch
     import transformers as tf
@@ -189,6 +198,11 @@ def build_tiny_checkpoint(
     config = llava_config(spec, tokenizer, text_config, vision_config)
     processor = llava_processor(spec, tokenizer)
     model = getattr(tf, spec.model_class)(config)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            attn = layer.self_attn
+            for proj, gain in ((attn.q_proj, attention_gain), (attn.k_proj, attention_gain), (attn.v_proj, value_gain), (attn.o_proj, value_gain)):
+                proj.weight.mul_(gain)
     model.generation_config = tf.GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -197,7 +211,9 @@ def build_tiny_checkpoint(
     )
     model.to(getattr(torch, save_dtype)).save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "tiny.json").write_text(json.dumps({"family": spec.name, "text_hidden": text_hidden, "seed": seed}))
+    meta = {"family": spec.name, "text_hidden": text_hidden, "seed": seed, "version": TINY_VERSION,
+            "attention_gain": attention_gain, "value_gain": value_gain}
+    (out / "tiny.json").write_text(json.dumps(meta))
     logger.info("wrote tiny %s checkpoint to %s", spec.name, out)
     return out
 
@@ -205,6 +221,7 @@ def build_tiny_checkpoint(
 # `model.name: tiny-llava` (or tiny-llava-next) in a config: built once into the cache, so the
 # demo and the tiny serve config work from a fresh clone without a separate build step.
 TINY_NAMES = {"tiny-llava": "llava", "tiny-llava-next": "llava_next"}
+TINY_VERSION = 2  # bumped when the builder changes what it writes: cached copies are rebuilt
 
 
 def cache_dir() -> Path:
@@ -215,8 +232,11 @@ def ensure_tiny(name: str) -> Path:
     """Path of the cached tiny checkpoint `name`, building it first if needed (atomic rename,
     so concurrent actors never see a half-written checkpoint)."""
     target = cache_dir() / name
-    if (target / "tiny.json").is_file():
+    meta = target / "tiny.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("version") == TINY_VERSION:
         return target
+    if target.exists():  # built by an older builder
+        shutil.rmtree(target, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     build_tiny_checkpoint(tmp, TINY_NAMES[name])

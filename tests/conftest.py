@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,45 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
+
+
+def _gpu_missing() -> str | None:
+    """Why the `gpu` tests cannot run here, or None on a CUDA machine with vLLM."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible"
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed (make test-gpu installs it)"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run where CUDA and vLLM are (make test-gpu) and skip elsewhere, saying why;
+    `cpu_only` tests assert what a machine without a GPU answers, so they skip on a GPU one."""
+    import torch
+
+    missing = _gpu_missing()
+    has_cuda = torch.cuda.is_available()
+    for item in items:
+        if missing and "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=f"gpu test: {missing}"))
+        if has_cuda and "cpu_only" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="expects a machine without a CUDA GPU"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI=true a skipped test is a failed one (a test that cannot run proves nothing),
+    except the `gpu` tests, which CI's machine has no GPU for."""
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI") == "true" and report.skipped and "gpu" not in item.keywords:
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, which runs every test but the gpu ones: {reason}"
 
 
 def cli(*args, cwd=ROOT, timeout=240, env=None):
@@ -63,11 +103,11 @@ def resized(name: str, h: int, w: int, fmt: str = "JPEG") -> bytes:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the session, sized as the job sizes an embedded Ray (pipeline.job.local_cpus)."""
+    """One local Ray for the session, sized as the job sizes an embedded Ray (pipeline.cluster.local_cpus)."""
     import ray
 
+    from pipeline.cluster import local_cpus
     from pipeline.config import load_config
-    from pipeline.job import local_cpus
 
     if not ray.is_initialized():
         cpus = local_cpus(load_config({"model": {"name": "any"}}))
@@ -76,26 +116,59 @@ def ray_local():
     ray.shutdown()
 
 
-def reference_text(ckpt: str, images: list[bytes], prompt: str, max_new_tokens: int) -> str:
-    """What transformers gives when called directly, as on the model card: the checkpoint's
-    processor + model.generate, greedy, one row at a time (independent of pipeline code)."""
+@dataclass(frozen=True)
+class Reference:
+    """What transformers gives for one row, and what the model was given."""
+
+    text: str
+    prompt_tokens: int
+    image_tokens: int
+    completion_tokens: int
+    input_ids: tuple[int, ...]
+
+
+def reference(ckpt: str, images: list[bytes], prompt: str | None = None, max_new_tokens: int = 12, *,
+              conversation: list[dict] | None = None, quantization_config=None) -> Reference:
+    """transformers called directly, as on the model card: the checkpoint's processor, its chat
+    template and model.generate, greedy, one row at a time (independent of pipeline code).
+    `conversation` (HF chat format) instead of `prompt` for multi-turn or system prompts."""
     import transformers as tf
     from transformers import AutoConfig
 
-    model_cls = {"llava": tf.LlavaForConditionalGeneration, "llava_next": tf.LlavaNextForConditionalGeneration}
-    model = _REF_MODELS.get(ckpt)
+    key = (ckpt, repr(quantization_config))
+    model = _REF_MODELS.get(key)
     if model is None:
-        model = _REF_MODELS[ckpt] = model_cls[AutoConfig.from_pretrained(ckpt).model_type].from_pretrained(ckpt)
+        config = AutoConfig.from_pretrained(ckpt)
+        cls = {"llava": tf.LlavaForConditionalGeneration, "llava_next": tf.LlavaNextForConditionalGeneration}[config.model_type]
+        model = _REF_MODELS[key] = cls.from_pretrained(ckpt, quantization_config=quantization_config)
     processor = tf.AutoProcessor.from_pretrained(ckpt)
     pil = [Image.open(io.BytesIO(b)) for b in images]
-    conversation = [{"role": "user", "content": [{"type": "image"} for _ in pil] + [{"type": "text", "text": prompt}]}]
+    if conversation is None:
+        conversation = [{"role": "user", "content": [{"type": "image"} for _ in pil] + [{"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(conversation, add_generation_prompt=True)
     inputs = processor(images=pil, text=text, return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    new = out[0, inputs["input_ids"].shape[1] :]
+    ids = inputs["input_ids"][0].tolist()
+    return Reference(
+        text=processor.decode(new, skip_special_tokens=True),
+        prompt_tokens=len(ids),
+        image_tokens=ids.count(model.config.image_token_index),
+        completion_tokens=len(new),
+        input_ids=tuple(ids),
+    )
 
 
 _REF_MODELS: dict = {}
+
+
+def pil_error(data: bytes) -> str:
+    """PIL's own error for undecodable bytes, computed apart from the pipeline."""
+    try:
+        Image.open(io.BytesIO(data)).load()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    raise AssertionError("the bytes decode")
 
 
 def write_parquet(path, rows: list[dict], schema=None) -> str:

@@ -8,11 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers as tf
-from conftest import ROOT
 from PIL import Image
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import ModelConfig
+from tests.conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "gpu.py")
 gpu = importlib.util.module_from_spec(spec)

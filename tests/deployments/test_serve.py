@@ -13,10 +13,17 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from conftest import encode, photo, read_output, reference_text, resized, write_parquet
-from image_server import ImageServer
 
 from pipeline.config import load_config
+from tests.conftest import (
+    encode,
+    photo,
+    read_output,
+    reference,
+    resized,
+    write_parquet,
+)
+from tests.image_server import ImageServer
 
 pytestmark = pytest.mark.slow
 MAX_NEW = 24
@@ -98,7 +105,7 @@ def app(job_out, tiny_llava):
             "serve.served_model_name": MODEL,
             "serve.api_key": KEY,
             "serve.max_ongoing_requests": 8,
-            "serve.max_queued_requests": 16,  # 8 + 16 > the 16-request test, < the 48-request flood
+            "serve.max_queued_requests": 16,  # 8 + 16 > the 16-request test
             "serve.max_body_bytes": 2_000_000,
             "limits.max_image_bytes": 1_000_000,
             "limits.max_pixels": 4_000_000,
@@ -149,29 +156,42 @@ def test_health_models_and_unknown_model(app, client):
     }
 
 
-@pytest.mark.parametrize(
-    "case, messages, text_prompt",
-    [
-        ("astronaut", [user(data_uri(ASTRONAUT), "What is the person wearing?")], "What is the person wearing?"),
-        ("chelsea", [user(data_uri(CHELSEA, "image/jpeg"), DEFAULT_PROMPT)], DEFAULT_PROMPT),
-        ("chat", chat_messages(data_uri(COFFEE)), None),
-    ],
-)
-def test_answers_equal_the_offline_job_and_transformers(client, job_out, tiny_llava, case, messages, text_prompt):
+def _hf_turn(role: str, text: str, image: bool = False) -> dict:
+    return {"role": role, "content": [{"type": "image"}] * image + [{"type": "text", "text": text}]}
+
+
+(Q1, A1), (Q2, _) = CHAT_TURNS
+PARITY = {  # case: (request messages, the image, the same conversation in HF's chat format)
+    "astronaut": ([user(data_uri(ASTRONAUT), "What is the person wearing?")], ASTRONAUT,
+                  [_hf_turn("user", "What is the person wearing?", image=True)]),
+    "chelsea": ([user(data_uri(CHELSEA, "image/jpeg"), DEFAULT_PROMPT)], CHELSEA, [_hf_turn("user", DEFAULT_PROMPT, image=True)]),
+    "chat": (chat_messages(data_uri(COFFEE)), COFFEE,
+             [_hf_turn("user", Q1, image=True), _hf_turn("assistant", A1), _hf_turn("user", Q2)]),
+}
+
+
+@pytest.mark.parametrize("case", list(PARITY))
+def test_answers_equal_the_offline_job_and_transformers(client, job_out, tiny_llava, case):
+    messages, image, conversation = PARITY[case]
     answer = ask(client, messages, max_tokens=MAX_NEW)
     streamed, chunks = ask_streaming(client, messages, max_tokens=MAX_NEW, stream_options={"include_usage": True})
     row = job_out[case]
+    ref = reference(tiny_llava, [image], conversation=conversation, max_new_tokens=MAX_NEW)
 
     text = answer.choices[0].message.content
     assert row["error"] is None
-    assert text == streamed == row["text"]
-    if text_prompt is not None:  # the reference helper takes one user turn
-        assert text == reference_text(tiny_llava, [{"astronaut": ASTRONAUT, "chelsea": CHELSEA}[case]], text_prompt, MAX_NEW)
+    assert text == streamed == row["text"] == ref.text
     assert answer.choices[0].finish_reason == row["finish_reason"] == chunks[-2].choices[0].finish_reason
-    assert answer.usage.prompt_tokens == row["prompt_tokens"] == chunks[-1].usage.prompt_tokens
-    assert answer.usage.completion_tokens == row["completion_tokens"] == chunks[-1].usage.completion_tokens
+    assert answer.usage.prompt_tokens == row["prompt_tokens"] == chunks[-1].usage.prompt_tokens == ref.prompt_tokens
+    assert row["image_tokens"] == ref.image_tokens
+    assert answer.usage.completion_tokens == row["completion_tokens"] == chunks[-1].usage.completion_tokens == ref.completion_tokens
     assert answer.usage.total_tokens == row["prompt_tokens"] + row["completion_tokens"]
     assert answer.model == MODEL and answer.object == "chat.completion"
+
+
+def test_parity_cases_differ_in_prompt_length_and_answer(job_out):
+    """A swap of two cases, or a lost turn, would show in the comparisons above."""
+    assert len({job_out[c]["prompt_tokens"] for c in PARITY}) == len({job_out[c]["text"] for c in PARITY}) == len(PARITY)
 
 
 def test_sse_stream_shape(app):
@@ -192,9 +212,10 @@ def test_a_dropped_stream_stops_its_generation(client):
     generation at a time, so a short request right after would otherwise wait for the long one."""
     messages = [user(data_uri(ASTRONAUT), "Describe it.")]
     start = time.perf_counter()
-    assert ask(client, messages, max_tokens=2000).usage.completion_tokens == 2000
+    long = {"max_tokens": 2000, "extra_body": {"min_tokens": 2000}}  # min_tokens: vLLM's extension, no early EOS
+    assert ask(client, messages, **long).usage.completion_tokens == 2000
     full = time.perf_counter() - start
-    with client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2000, temperature=0, stream=True) as stream:
+    with client.chat.completions.create(model=MODEL, messages=messages, temperature=0, stream=True, **long) as stream:
         events = iter(stream)
         next(events), next(events)
     start = time.perf_counter()
@@ -214,12 +235,13 @@ def test_sampling_parameters(client):
     # max_completion_tokens wins over max_tokens, and is honoured exactly.
     short = ask(client, messages, max_tokens=MAX_NEW, max_completion_tokens=3)
     assert (short.usage.completion_tokens, short.choices[0].finish_reason) == (3, "length")
-    # a seed makes sampling reproducible.
-    sampled = [
-        ask(client, messages, temperature=1.5, top_p=0.95, seed=7, max_tokens=MAX_NEW).choices[0].message.content
-        for _ in range(2)
-    ]
-    assert sampled[0] == sampled[1]
+    # a seed makes sampling reproducible, and sampling really samples.
+    def sample(seed):
+        return ask(client, messages, temperature=1.5, top_p=0.95, seed=seed, max_tokens=MAX_NEW).choices[0].message.content
+
+    seven, again, eight = sample(7), sample(7), sample(8)
+    assert seven == again
+    assert seven != greedy and seven != eight
 
 
 def test_16_concurrent_requests_are_answered_in_batches(app, client):
@@ -275,17 +297,19 @@ FLAT_9MP = encode(np.zeros((3000, 3000, 3), np.uint8))  # 9 megapixels in a few 
             {"type": "image_url", "image_url": {"url": data_uri(COFFEE)}}, {"type": "text", "text": "Compare."}]}]}, 400,
          "image: 2 images in one row; llava takes at most 1 (limits.max_images_per_row=4)", "messages", "invalid_image"),
         ({"model": "M", "messages": [user(data_uri(COFFEE), "coffee " * 3600)]}, 400,
-         "prompt: ", "messages", "context_length_exceeded"),
+         lambda ckpt: f"prompt: {reference(ckpt, [COFFEE], 'coffee ' * 3600, 1).prompt_tokens} tokens (576 for images) "
+                      f"+ max_new_tokens {MAX_NEW} exceeds the model's context of 4096 tokens",
+         "messages", "context_length_exceeded"),
         (b"x" * 2_000_001, 413, "request body exceeds serve.max_body_bytes=2000000", None, "request_too_large"),
     ],
     ids=["not-json", "no-messages", "temperature", "n", "no-image", "bad-base64", "not-an-image", "too-many-bytes",
          "too-many-pixels", "local-path", "two-images", "too-long", "body-too-big"],
 )
-def test_bad_requests_get_openai_errors_and_the_replica_keeps_serving(app, client, body, status, message, param, code):
+def test_bad_requests_get_openai_errors_and_the_replica_keeps_serving(app, client, tiny_llava, body, status, message, param, code):
     r = post(app, {**body, "model": MODEL} if isinstance(body, dict) else body)
     error = r.json()["error"]
     assert r.status_code == status
-    assert error["message"].startswith(message) if message == "prompt: " else error["message"] == message
+    assert error["message"] == (message(tiny_llava) if callable(message) else message)
     assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
     assert ask(client, [user(data_uri(ASTRONAUT), "Still there?")], max_tokens=2).choices[0].finish_reason == "length"
 
@@ -358,18 +382,41 @@ def test_image_url_on_an_allowed_host_is_fetched(client, image_hosts):
     assert ("/img.png", f"127.0.0.2:{allowed.port}") in allowed.seen
 
 
-def test_overload_is_a_503_in_openai_shape_and_service_resumes(app, client):
-    """8 ongoing + 8 queued at the model; 48 at once must overflow it."""
+@pytest.fixture(scope="module")
+def tight_app(app, tiny_llava):
+    """A second app on the same Serve: one request in flight at the model and one queued."""
+    from ray import serve
+
+    from deployments.app import build
+
+    cfg = load_config(SERVE_CONFIG, overrides={
+        "model.name": tiny_llava, "serve.served_model_name": MODEL, "serve.api_key": KEY,
+        "serve.max_ongoing_requests": 1, "serve.max_queued_requests": 1, "serve.max_batch_size": 1,
+    })
+    serve.run(build(cfg), name="tight", route_prefix="/tight")
+    yield app.removesuffix("/v1") + "/tight/v1"
+    serve.delete("tight")
+
+
+def test_overload_is_a_503_in_openai_shape_and_service_resumes(tight_app):
+    """By construction: a long stream holds the one model slot, then two more long requests
+    arrive for the one queue place; exactly one of them is refused, whatever their order."""
     messages = [user(data_uri(ASTRONAUT), "Describe it.")]
+    long = {"model": MODEL, "messages": messages, "max_tokens": 2000, "min_tokens": 2000}
 
     async def flood():
-        async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as h:
-            body = {"model": MODEL, "messages": messages, "max_tokens": 64}
-            return await asyncio.gather(*(h.post(f"{app}/chat/completions", json=body) for _ in range(48)))
+        async with httpx.AsyncClient(timeout=300, headers={"Authorization": f"Bearer {KEY}"}) as h:
+            async with h.stream("POST", f"{tight_app}/chat/completions", json={**long, "stream": True}) as running:
+                assert running.status_code == 200
+                await running.aiter_lines().__anext__()  # the model is generating it now
+                second = asyncio.create_task(h.post(f"{tight_app}/chat/completions", json=long))
+                await asyncio.sleep(3)  # order does not matter: one queue place, two requests
+                third = await h.post(f"{tight_app}/chat/completions", json={**long, "max_tokens": 2, "min_tokens": 0})
+                await running.aclose()  # the client leaves: the slot frees for the queued request
+            return [await second, third]
 
     responses = asyncio.run(flood())
-    statuses = sorted({r.status_code for r in responses})
-    assert statuses == [200, 503], statuses
+    assert sorted(r.status_code for r in responses) == [200, 503], [r.text[:200] for r in responses]
     rejected = next(r for r in responses if r.status_code == 503)
     assert rejected.headers["retry-after"] == "1"
     assert rejected.json()["error"] == {
@@ -378,4 +425,20 @@ def test_overload_is_a_503_in_openai_shape_and_service_resumes(app, client):
         "param": None,
         "code": "overloaded",
     }
-    assert ask(client, messages, max_tokens=2).choices[0].finish_reason == "length"
+    after = httpx.post(f"{tight_app}/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                       json={"model": MODEL, "messages": messages, "max_tokens": 2})
+    assert after.status_code == 200 and after.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_unknown_routes_and_methods_get_openai_json(app):
+    root = app.removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {KEY}"}
+    missing = httpx.get(f"{root}/v1/completions-typo", headers=headers)
+    assert missing.status_code == 404
+    assert missing.json() == {"error": {"message": "Not Found", "type": "invalid_request_error", "param": None, "code": None}}
+    wrong = httpx.get(f"{app}/chat/completions", headers=headers)
+    assert wrong.status_code == 405
+    assert wrong.json() == {"error": {"message": "Method Not Allowed", "type": "invalid_request_error", "param": None, "code": None}}
+    with pytest.raises(openai.NotFoundError) as e:
+        openai.OpenAI(base_url=app, api_key=KEY, max_retries=0).models.retrieve("no-such-model")
+    assert e.value.body["code"] == "model_not_found"

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+
+from tests.conftest import ROOT
 
 K8S = ROOT / "k8s"
 CRDS = ROOT / "k8s" / "crds"  # KubeRay v1.7.0's CRDs, unmodified (k8s/crds/SOURCE.txt)

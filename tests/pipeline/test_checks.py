@@ -4,12 +4,12 @@
 import importlib.util
 
 import pytest
-from conftest import cli
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.checks import check_environment, check_vllm_settings
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
+from tests.conftest import cli
 
 MAX_NEW = 16
 
@@ -36,6 +36,7 @@ def test_impossible_combinations_fail_at_config_check(settings, message):
     assert str(e.value).startswith(message) and "\n" not in str(e.value)  # the key comes first
 
 
+@pytest.mark.cpu_only
 def test_flash_attention_without_gpu_fails_check_config(tiny_llava):
     res = cli("check-config", "configs/demo.yaml", "--set", f"model.name={tiny_llava}", "--set", "model.attn_implementation=flash_attention_2")
     assert res.returncode == 2

@@ -11,12 +11,12 @@ import time
 
 import numpy as np
 import pytest
-from conftest import encode, photo
-from image_server import ImageServer
 
 from pipeline.config import FetchConfig, LimitsConfig, StorageConfig
 from pipeline.fetch import blocked_reason, fetch_url
 from pipeline.images import ImageError, load_image
+from tests.conftest import encode, photo
+from tests.image_server import ImageServer
 
 IMG = encode(photo("coffee")[:64, :96])
 CAP = 1 << 20

@@ -4,11 +4,19 @@ import json
 
 import pyarrow as pa
 import pytest
-from conftest import encode, photo, read_output, reference_text, resized, write_parquet
 
 from pipeline.config import load_config
 from pipeline.errors import JobError
 from pipeline.job import run_job
+from tests.conftest import (
+    encode,
+    photo,
+    pil_error,
+    read_output,
+    reference,
+    resized,
+    write_parquet,
+)
 
 pytestmark = pytest.mark.slow
 MAX_NEW = 12
@@ -28,20 +36,28 @@ def _job(ckpt, tmp_path, rows, schema=None, **extra):
 
 
 def test_llava_job_matches_transformers_and_accounts_for_every_row(ray_local, tiny_llava, tmp_path):
+    # Distinct photos and prompts of distinct lengths per row: a dropped prompt, a lost system
+    # turn or two swapped rows change the text and the token counts.
     good = {
         "astronaut": (encode(photo("astronaut")), "What is the person wearing?"),
         "chelsea": (resized("chelsea", 300, 451), None),
-        "coffee": (resized("coffee", 400, 600, "PNG"), "What drink is this?"),
+        "coffee": (resized("coffee", 400, 600, "PNG"), "What drink is this?  Answer in a few words please."),
         "rocket": (resized("rocket", 427, 640), "Describe it."),
     }
     path_img = tmp_path / "camera.png"
     path_img.write_bytes(encode(photo("camera")))
+    corrupt = encode(photo("coffee"), "JPEG")[:300]
+    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Who?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "An astronaut."}]},
+             {"role": "user", "content": [{"type": "text", "text": "Where is she standing?"}]}]
     rows = [{"id": k, "image": img, "image_path": None, "prompt": p, "messages": None, "tag": f"t-{k}"} for k, (img, p) in good.items()]
     rows += [
         {"id": "from-path", "image": None, "image_path": str(path_img), "prompt": "What is this?", "messages": None, "tag": "p"},
-        {"id": "chat", "image": encode(photo("astronaut")), "image_path": None, "prompt": None, "tag": "c",
-         "messages": json.dumps([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Who?"}]}])},
-        {"id": "corrupt", "image": encode(photo("coffee"), "JPEG")[:300], "image_path": None, "prompt": None, "messages": None, "tag": "x"},
+        {"id": "chat", "image": resized("astronaut", 256, 256), "image_path": None, "prompt": None, "tag": "c",
+         "messages": json.dumps([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Who?"}]},
+                                 {"role": "assistant", "content": "An astronaut."},
+                                 {"role": "user", "content": "Where is she standing?"}])},
+        {"id": "corrupt", "image": corrupt, "image_path": None, "prompt": None, "messages": None, "tag": "x"},
         {"id": "empty", "image": b"", "image_path": None, "prompt": None, "messages": None, "tag": "x"},
         {"id": "text", "image": b"just some text, not an image", "image_path": None, "prompt": None, "messages": None, "tag": "x"},
         {"id": "missing", "image": None, "image_path": str(tmp_path / "nope.jpg"), "prompt": None, "messages": None, "tag": "x"},
@@ -55,24 +71,30 @@ def test_llava_job_matches_transformers_and_accounts_for_every_row(ray_local, ti
 
     assert set(out) == {r["id"] for r in rows}  # every input row exactly once
     assert (summary.rows_total, summary.rows_ok, summary.rows_failed, summary.rows_processed) == (len(rows), 6, 7, len(rows))
-    default_prompt = cfg.prompt.default
-    for key, (img, prompt) in good.items():
-        assert out[key]["error"] is None
-        assert out[key]["text"] == reference_text(tiny_llava, [img], prompt or default_prompt, MAX_NEW)
-        assert out[key]["tag"] == f"t-{key}"
-        assert out[key]["image_tokens"] == 576 and out[key]["completion_tokens"] > 0
-        assert out[key]["model"] == tiny_llava and out[key]["backend"] == "transformers/float32/sdpa"
-    assert out["from-path"]["text"] == reference_text(tiny_llava, [path_img.read_bytes()], "What is this?", MAX_NEW)
-    assert out["chat"]["text"] == reference_text(tiny_llava, [encode(photo("astronaut"))], "Who?", MAX_NEW)
+    expected = {k: reference(tiny_llava, [img], prompt or cfg.prompt.default, MAX_NEW) for k, (img, prompt) in good.items()}
+    expected["from-path"] = reference(tiny_llava, [path_img.read_bytes()], "What is this?", MAX_NEW)
+    expected["chat"] = reference(tiny_llava, [resized("astronaut", 256, 256)], conversation=turns, max_new_tokens=MAX_NEW)
+    for key, ref in expected.items():
+        row = out[key]
+        assert row["error"] is None, (key, row["error"])
+        assert (row["text"], row["prompt_tokens"], row["image_tokens"], row["completion_tokens"]) == (
+            ref.text, ref.prompt_tokens, ref.image_tokens, ref.completion_tokens), key
+        assert row["model"] == tiny_llava and row["backend"] == "transformers/float32/sdpa"
+    assert out["astronaut"]["tag"] == "t-astronaut" and out["from-path"]["tag"] == "p"
+    assert len({r.prompt_tokens for r in expected.values()}) == len(expected)  # a swap would show
+    assert len({r.text for r in expected.values()}) == len(expected)
 
+    long_tokens = reference(tiny_llava, [resized("coffee", 64, 64)], "coffee " * 3600, 1).prompt_tokens
     errors = {k: out[k]["error"] for k in ("corrupt", "empty", "text", "missing", "huge", "long", "badchat")}
-    assert errors["corrupt"].startswith("image: truncated or corrupt")
-    assert errors["empty"] == "image: empty (0 bytes)"
-    assert errors["text"] == "image: cannot identify image file"
-    assert errors["missing"] == f"image: not found: {tmp_path / 'nope.jpg'}"
-    assert errors["huge"] == "image: 1000x872 exceeds limits.max_pixels=800000"
-    assert "exceeds the model's context of 4096 tokens" in errors["long"]
-    assert errors["badchat"].startswith("messages: not valid JSON")
+    assert errors == {
+        "corrupt": f"image: truncated or corrupt data: {pil_error(corrupt)}",  # 300 bytes: the header is cut
+        "empty": "image: empty (0 bytes)",
+        "text": "image: cannot identify image file",
+        "missing": f"image: not found: {tmp_path / 'nope.jpg'}",
+        "huge": "image: 1000x872 exceeds limits.max_pixels=800000",
+        "long": f"prompt: {long_tokens} tokens (576 for images) + max_new_tokens {MAX_NEW} exceeds the model's context of 4096 tokens",
+        "badchat": "messages: not valid JSON (Expecting property name enclosed in double quotes at char 1)",
+    }
     for k in errors:
         assert out[k]["text"] is None and out[k]["tag"] == "x"
 
@@ -84,15 +106,18 @@ def test_llava_next_job_mixed_aspect_ratios_and_multi_image_row(ray_local, tiny_
         "landscape": [resized("rocket", 1024, 768)],
         "pair": [resized("chelsea", 300, 451), resized("coffee", 400, 600)],
     }
-    rows = [{"id": k, "image": v, "prompt": f"Describe {k}."} for k, v in images.items()]
+    rows = [{"id": k, "image": v, "prompt": f"Describe the {k} one."} for k, v in images.items()]
     schema = pa.schema([("id", pa.string()), ("image", pa.list_(pa.binary())), ("prompt", pa.string())])
     cfg = _job(tiny_llava_next, tmp_path, rows, schema)
     run_job(cfg)
     out = read_output(cfg.output.path)
     assert set(out) == set(images)
     for k, imgs in images.items():
-        assert out[k]["error"] is None
-        assert out[k]["text"] == reference_text(tiny_llava_next, imgs, f"Describe {k}.", MAX_NEW), k
+        ref = reference(tiny_llava_next, imgs, f"Describe the {k} one.", MAX_NEW)
+        row = out[k]
+        assert row["error"] is None
+        assert (row["text"], row["prompt_tokens"], row["image_tokens"], row["completion_tokens"]) == (
+            ref.text, ref.prompt_tokens, ref.image_tokens, ref.completion_tokens), k
     assert out["pair"]["image_tokens"] > out["tall"]["image_tokens"]
 
 
@@ -109,3 +134,37 @@ def test_missing_columns_are_named(tiny_llava, tmp_path):
     cfg = _job(tiny_llava, tmp_path, [{"key": 1, "image": b"x"}])
     with pytest.raises(JobError, match=r"input: id column 'id' not found; columns are \['image', 'key'\]"):
         run_job(cfg)
+
+
+def test_globs_lists_image_url_parts_and_overwrite(ray_local, tiny_llava_next, tmp_path):
+    """input.path as a list holding a glob and a file; rows naming several image paths, or an
+    OpenAI conversation with image_url parts; then `overwrite` replaces the whole output."""
+    photos = {name: tmp_path / f"{name}.jpg" for name in ("astronaut", "coffee", "rocket", "chelsea")}
+    for i, (name, path) in enumerate(photos.items()):
+        path.write_bytes(resized(name, 300 + 40 * i, 400))
+    conversation = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": str(photos["rocket"])}}, {"type": "text", "text": "What flies here?"}]}]
+    schema = pa.schema([("id", pa.string()), ("image_path", pa.list_(pa.string())), ("prompt", pa.string()), ("messages", pa.string())])
+    (tmp_path / "parts").mkdir()
+    write_parquet(tmp_path / "parts" / "part-0.parquet",
+                  [{"id": "pair", "image_path": [str(photos["astronaut"]), str(photos["coffee"])], "prompt": "Compare the two.", "messages": None}], schema)
+    write_parquet(tmp_path / "parts" / "part-1.parquet",
+                  [{"id": "url-part", "image_path": None, "prompt": None, "messages": json.dumps(conversation)}], schema)
+    single = write_parquet(tmp_path / "single.parquet",
+                           [{"id": "one", "image_path": [str(photos["chelsea"])], "prompt": "Who sits here?", "messages": None}], schema)
+    cfg = _job(tiny_llava_next, tmp_path, [], input={"path": [str(tmp_path / "parts" / "part-*.parquet"), single]},
+               output={"mode": "overwrite"})
+    summary = run_job(cfg)
+    out = read_output(cfg.output.path)
+    assert set(out) == {"pair", "url-part", "one"} and summary.rows_ok == 3
+    expected = {
+        "pair": reference(tiny_llava_next, [photos["astronaut"].read_bytes(), photos["coffee"].read_bytes()], "Compare the two.", MAX_NEW),
+        "url-part": reference(tiny_llava_next, [photos["rocket"].read_bytes()], "What flies here?", MAX_NEW),
+        "one": reference(tiny_llava_next, [photos["chelsea"].read_bytes()], "Who sits here?", MAX_NEW),
+    }
+    for key, ref in expected.items():
+        assert (out[key]["text"], out[key]["prompt_tokens"], out[key]["image_tokens"]) == (ref.text, ref.prompt_tokens, ref.image_tokens), key
+
+    rerun = cfg.model_copy(update={"input": cfg.input.model_copy(update={"path": single})})
+    assert run_job(rerun).rows_total == 1
+    assert set(read_output(cfg.output.path)) == {"one"}  # overwrite removed the old rows

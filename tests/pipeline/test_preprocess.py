@@ -1,16 +1,18 @@
 """Preprocessor: uint8 tiles, conversations, limits -- no Ray."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
 import transformers as tf
-from conftest import encode, hf_engine, photo, preprocessor, resized
 from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.errors import ImageError, MessagesError, PromptTooLong
 from pipeline.preprocess import build_conversation
 from pipeline.records import Record
+from tests.conftest import encode, hf_engine, photo, preprocessor, resized
 
 
 def _cfg(ckpt, **extra):
@@ -30,7 +32,7 @@ def test_uint8_tiles_normalised_on_model_side_equal_processor_pixel_values(reque
     ours, sizes = engine.pixel_values([prepared])
 
     processor = tf.AutoProcessor.from_pretrained(ckpt)
-    pil = Image.open(__import__("io").BytesIO(image)).convert("RGB")
+    pil = Image.open(io.BytesIO(image)).convert("RGB")
     theirs = processor(images=[pil], text="<image>", return_tensors="pt")["pixel_values"]
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
@@ -38,12 +40,18 @@ def test_uint8_tiles_normalised_on_model_side_equal_processor_pixel_values(reque
         assert sizes.tolist() == [[size[0], size[1]]]
 
 
-def test_prepared_request_bytes_are_a_quarter_of_float_pixel_values(tiny_llava_next):
-    pre = preprocessor(_cfg(tiny_llava_next))
-    prepared = pre.prepare(Record(id=1, images=[resized("coffee", 480, 640)], prompt="hi"))
-    assert prepared.tiles.nbytes * 4 == prepared.tiles.size * np.dtype(np.float32).itemsize
-    assert prepared.tiles.shape[1:] == (3, 336, 336)
-    assert prepared.image_tokens == int((prepared.input_ids == pre.image_token_id).sum()) > 576
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_llava_next"])
+def test_prepared_tiles_are_a_quarter_of_the_processors_float_pixel_values(request, family):
+    ckpt = request.getfixturevalue(family)
+    image = resized("coffee", 480, 640)
+    prepared = preprocessor(_cfg(ckpt)).prepare(Record(id=1, images=[image], prompt="hi"))
+    processor = tf.AutoProcessor.from_pretrained(ckpt)
+    theirs = processor(images=[Image.open(io.BytesIO(image))], text=prepared.prompt, return_tensors="np")
+    pixel_values = theirs["pixel_values"].reshape(-1, *prepared.tiles.shape[1:])  # NeXT: [1, tiles, ...]
+    assert prepared.tiles.shape == pixel_values.shape and prepared.tiles.shape[1:] == (3, 336, 336)
+    assert prepared.tiles.nbytes / pixel_values.nbytes == 0.25
+    np.testing.assert_array_equal(prepared.input_ids, theirs["input_ids"][0])
+    assert prepared.image_tokens == int((theirs["input_ids"][0] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum())
 
 
 def test_conversation_from_prompt_messages_and_system():
@@ -92,3 +100,23 @@ def test_prompt_longer_than_context_is_a_row_error(tiny_llava):
     pre = preprocessor(_cfg(tiny_llava, generation={"max_new_tokens": 64}))
     with pytest.raises(PromptTooLong, match=r"\+ max_new_tokens 64 exceeds the model's context of 4096 tokens"):
         pre.prepare(Record(id=1, images=[resized("coffee", 50, 50)], prompt="astronaut " * 4000))
+
+
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_llava_next"])
+@pytest.mark.parametrize("orientation, rotate", [(6, Image.Transpose.ROTATE_90), (3, Image.Transpose.ROTATE_180), (8, Image.Transpose.ROTATE_270)])
+def test_exif_rotated_photo_gives_the_tiles_of_the_upright_one(request, family, orientation, rotate):
+    """A camera stores the sensor's pixels and an EXIF Orientation tag; viewers (and the model)
+    must see the photo upright."""
+    upright = Image.open(io.BytesIO(resized("astronaut", 480, 640, "PNG"))).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation: how to turn the stored pixels to show them upright
+    stored = io.BytesIO()
+    upright.transpose(rotate).save(stored, "PNG", exif=exif)  # the sensor's view: rotated
+    flat = io.BytesIO()
+    upright.save(flat, "PNG")
+    pre = preprocessor(_cfg(request.getfixturevalue(family)))
+    a = pre.prepare(Record(id=1, images=[stored.getvalue()], prompt="hi"))
+    b = pre.prepare(Record(id=1, images=[flat.getvalue()], prompt="hi"))
+    assert a.image_sizes == b.image_sizes == [(480, 640)]
+    np.testing.assert_array_equal(a.tiles, b.tiles)
+    np.testing.assert_array_equal(a.input_ids, b.input_ids)

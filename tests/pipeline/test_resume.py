@@ -12,11 +12,11 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import ROOT, read_output, resized, write_parquet
 
 from pipeline.config import load_config
 from pipeline.job import run_job
 from pipeline.resume import checkpoint_path
+from tests.conftest import ROOT, cli, read_output, reference, resized, write_parquet
 
 pytestmark = pytest.mark.slow
 
@@ -83,46 +83,64 @@ def test_stopped_job_resumes_where_it_stopped(ray_local, tiny_llava, tmp_path):
     assert again.rows_processed == 0 and again.rows_total == 48
 
 
-def test_retry_failed_reprocesses_only_failed_rows(ray_local, tiny_llava, tmp_path):
+def test_retry_failed_through_the_cli_reprocesses_only_failed_rows(ray_local, tiny_llava, tmp_path):
     late = [tmp_path / f"late{i}.jpg" for i in range(3)]
-    rows = [{"id": i, "image_path": str(p)} for i, p in enumerate(late)]
+    rows = [{"id": i, "image_path": str(p), "prompt": f"Late row {i}, what is it?"} for i, p in enumerate(late)]
     for i in range(3, 9):
         (tmp_path / f"ok{i}.jpg").write_bytes(resized("coffee", 100 + i, 120))
-        rows.append({"id": i, "image_path": str(tmp_path / f"ok{i}.jpg")})
-    cfg = load_config({
+        rows.append({"id": i, "image_path": str(tmp_path / f"ok{i}.jpg"), "prompt": f"Row {i}?"})
+    data = {
         "model": {"name": tiny_llava}, "generation": {"max_new_tokens": 8},
         "input": {"path": write_parquet(tmp_path / "in.parquet", rows)}, "output": {"path": str(tmp_path / "out")},
         "resources": {"rows_per_block": 3},
-    })
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
+    cfg = load_config(data)
     first = run_job(cfg)
     assert (first.rows_ok, first.rows_failed) == (6, 3)
     before = read_output(cfg.output.path)
-    for p in late:  # the missing images arrive
-        p.write_bytes(resized("rocket", 150, 150))
+    arrived = [resized(name, 150 + 10 * i, 170) for i, name in enumerate(["rocket", "astronaut", "chelsea"])]
+    for p, image in zip(late, arrived):  # the missing images arrive
+        p.write_bytes(image)
 
     assert run_job(cfg).rows_processed == 0  # plain resume: failed rows count as done
-    second = run_job(cfg, retry_failed=True)
-    assert second.rows_processed == 3 and (second.rows_ok, second.rows_failed, second.rows_total) == (9, 0, 9)
+    res = cli("run", str(tmp_path / "job.yaml"), "--retry-failed")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0] == "rows ok: 9  rows failed: 0  (total 9, processed this run 3)"
     after = read_output(cfg.output.path)
-    assert all(after[i]["text"] == before[i]["text"] for i in range(3, 9))
+    for i, image in enumerate(arrived):  # the retried rows: what transformers gives for them
+        ref = reference(tiny_llava, [image], f"Late row {i}, what is it?", 8)
+        assert (after[i]["text"], after[i]["prompt_tokens"], after[i]["error"]) == (ref.text, ref.prompt_tokens, None)
+    assert all(after[i] == before[i] for i in range(3, 9))  # the others untouched
+
+
+def _own_model_actor(ray) -> dict | None:
+    """This driver's live model actor, as Ray's GCS records it (actor id, node, pid): never a
+    process picked by name, which could belong to another Ray on the machine."""
+    from ray._private.state import (
+        actors,  # the GCS actor table; the public state API needs the dashboard
+    )
+
+    job = ray.get_runtime_context().get_job_id()
+    node = ray.get_runtime_context().get_node_id()
+    for actor_id, info in actors().items():
+        if (info["JobID"] == job and info["State"] == "ALIVE" and "GenerateStage" in info["ActorClassName"]
+                and info["Address"]["NodeID"] == node):
+            return {"actor_id": actor_id, "pid": info["Pid"]}
+    return None
 
 
 def test_model_actor_killed_mid_job_every_row_exactly_once(ray_local, tiny_llava, tmp_path):
-    import psutil
-
     _, cfg = _config(tiny_llava, tmp_path, 40)
     killed = []
 
     def kill_model_actor_once():
         deadline = time.monotonic() + 180
         while not killed and time.monotonic() < deadline:
-            if list(Path(cfg.output.path).glob("*.parquet")):
-                # Ray titles each actor process after its class: ray::MapWorker(MapBatches(GenerateStage))
-                for proc in psutil.process_iter(["pid", "cmdline"]):
-                    if "GenerateStage" in " ".join(proc.info["cmdline"] or []):
-                        os.kill(proc.info["pid"], signal.SIGKILL)  # a crash, as the OOM killer would do
-                        killed.append(proc.info["pid"])
-                        return
+            if list(Path(cfg.output.path).glob("*.parquet")) and (actor := _own_model_actor(ray_local)):
+                os.kill(actor["pid"], signal.SIGKILL)  # a crash, as the OOM killer would do
+                killed.append(actor)
+                return
             time.sleep(0.05)
 
     killer = threading.Thread(target=kill_model_actor_once)

@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from conftest import encode, photo, read_output, resized, write_parquet
 from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.job import run_job
+from tests.conftest import encode, photo, pil_error, read_output, resized, write_parquet
 
 pytestmark = pytest.mark.slow
 KEY, SECRET, BUCKET = "testing-key", "testing-secret", "llava"
@@ -109,8 +109,9 @@ def test_bad_input_corpus(ray_local, tiny_llava, s3_endpoint, tmp_path):
     fs = _fs(s3_endpoint)
     good = {"good1": resized("astronaut", 300, 300), "good2": resized("rocket", 200, 400)}
     usable = _special_images()  # unusual but valid: converted to RGB and answered
+    truncated = encode(photo("coffee"), "JPEG")[:2000]
     bad_bytes = {
-        "truncated_jpeg": (encode(photo("coffee"), "JPEG")[:2000], "image: truncated or corrupt"),
+        "truncated_jpeg": (truncated, f"image: truncated or corrupt JPEG data: {pil_error(truncated)}"),
         "zero_bytes": (b"", "image: empty (0 bytes)"),
         "random_bytes": (np.random.default_rng(0).bytes(4096), "image: cannot identify image file"),
         "text": (b"hello, I am not an image\n" * 10, "image: cannot identify image file"),
@@ -138,13 +139,14 @@ def test_bad_input_corpus(ray_local, tiny_llava, s3_endpoint, tmp_path):
     for k in [*good, *usable]:
         assert out[k]["error"] is None and out[k]["text"] is not None, (k, out[k]["error"])
     for k, (_, message) in bad_bytes.items():
-        assert out[k]["error"].startswith(message), (k, out[k]["error"])
+        assert out[k]["error"] == message, (k, out[k]["error"])
         assert out[k]["text"] is None
     assert out["missing_s3_key"]["error"] == f"image: not found: s3://{BUCKET}/corpus/nope.jpg"
     assert out["unreachable_url"]["error"] == (
         "image: cannot connect to 127.0.0.1:9: [Errno 111] Connection refused (after 2 attempts)"
     )
-    assert out["http_disabled_host"]["error"].startswith(
-        "image: refused 169.254.169.254 (169.254.169.254): link-local (cloud metadata) addresses are not fetched"
+    assert out["http_disabled_host"]["error"] == (
+        "image: refused 169.254.169.254 (169.254.169.254): link-local (cloud metadata) addresses are not fetched; "
+        "list the host in fetch.allowed_private_hosts to allow it"
     )
     assert summary.rows_failed == len(bad_bytes) + 3

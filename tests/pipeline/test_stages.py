@@ -3,12 +3,12 @@
 import numpy as np
 import pyarrow as pa
 import transformers as tf
-from conftest import preprocessor, resized
 from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.records import Record
 from pipeline.stages import PREPARED_FIELDS, prepared_to_row, row_to_prepared
+from tests.conftest import preprocessor, resized
 
 
 def test_prepared_row_round_trips_and_is_at_most_a_quarter_of_the_processor_output(tiny_llava_next):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import encode, hf_engine, photo, preprocessor, resized
 
 from pipeline.config import load_config
 from pipeline.records import Record, Result
+from tests.conftest import encode, hf_engine, photo, preprocessor, resized
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +59,21 @@ def test_closing_the_stream_early_frees_the_engine(setup):
     start = time.perf_counter()
     stream.close()  # returns once the generate thread has stopped
     assert time.perf_counter() - start < full / 3
+
+
+def test_a_row_that_breaks_its_batch_fails_alone(setup):
+    """A batch that raises is retried row by row: the bad row gets an `engine:` error, the
+    others the answers they get on their own."""
+    import dataclasses
+
+    import numpy as np
+
+    cfg, engine, requests = setup
+    alone = [engine.generate([r], cfg.generation)[0] for r in requests]
+    # Tiles of the wrong shape: the vision tower cannot take them, in a batch or alone.
+    broken = dataclasses.replace(requests[0], id="broken", tiles=np.zeros((1, 3, 7, 7), np.uint8))
+    out = engine.generate([requests[0], broken, requests[1]], cfg.generation)
+    assert [r.id for r in out] == ["a", "broken", "b"]
+    assert out[0] == alone[0] and out[2] == alone[1]
+    assert out[1].text is None and out[1].error.startswith("engine: RuntimeError: ")
+    assert "\n" not in out[1].error and out[1].prompt_tokens == broken.prompt_tokens

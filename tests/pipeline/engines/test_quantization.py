@@ -4,18 +4,18 @@ import sys
 
 import pytest
 import torch
-from conftest import (
+
+from pipeline.config import load_config
+from pipeline.job import run_job
+from tests.conftest import (
     ROOT,
     hf_engine,
     preprocessor,
     read_output,
-    reference_text,
+    reference,
     resized,
     write_parquet,
 )
-
-from pipeline.config import load_config
-from pipeline.job import run_job
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from memory import build_wide_checkpoint, measure  # noqa: E402
@@ -39,13 +39,26 @@ def test_quantized_language_model_full_precision_vision_tower(request, family, m
     assert type(engine.model.lm_head).__name__ == "Linear"
 
 
+def _bnb(mode: str):
+    """The model cards' BitsAndBytesConfig, written out here rather than read from our config."""
+    from transformers import BitsAndBytesConfig
+
+    skip = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+    if mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                              llm_int8_skip_modules=skip)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["tiny_llava", "tiny_llava_next"])
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])
-def test_quantized_job_answers_every_row_and_records_precision(ray_local, request, tmp_path, family, mode):
+def test_quantized_job_equals_transformers_with_the_same_quantization(ray_local, request, tmp_path, family, mode):
     ckpt = request.getfixturevalue(family)
-    rows = [{"id": i, "image": resized(n, 240 + 60 * i, 320)} for i, n in enumerate(["astronaut", "coffee", "rocket"])]
-    rows.append({"id": 9, "image": b"broken"})
+    images = [resized(n, 240 + 60 * i, 320) for i, n in enumerate(["astronaut", "coffee", "rocket"])]
+    prompts = ["Who?", "What is in the cup, and is it hot?", "Describe the launch."]
+    rows = [{"id": i, "image": img, "prompt": p} for i, (img, p) in enumerate(zip(images, prompts))]
+    rows.append({"id": 9, "image": b"broken", "prompt": None})
     cfg = load_config({
         "model": {"name": ckpt, "quantization": {"mode": mode}}, "generation": {"max_new_tokens": 6},
         "input": {"path": write_parquet(tmp_path / "in.parquet", rows)}, "output": {"path": str(tmp_path / "out")},
@@ -55,8 +68,12 @@ def test_quantized_job_answers_every_row_and_records_precision(ray_local, reques
     assert (summary.rows_ok, summary.rows_failed) == (3, 1)
     label = {"4bit": "transformers/float32/sdpa/bnb-4bit-nf4-bfloat16", "8bit": "transformers/float32/sdpa/bnb-8bit"}[mode]
     assert summary.backend == label
-    for i in range(3):
-        assert out[i]["error"] is None and out[i]["completion_tokens"] > 0 and out[i]["backend"] == label
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        ref = reference(ckpt, [image], prompt, 6, quantization_config=_bnb(mode))
+        row = out[i]
+        assert (row["text"], row["prompt_tokens"], row["completion_tokens"], row["error"]) == (
+            ref.text, ref.prompt_tokens, ref.completion_tokens, None), i
+        assert row["backend"] == label
 
 
 def test_eager_attention_gives_the_same_answer_as_sdpa(tiny_llava):
@@ -69,14 +86,17 @@ def test_eager_attention_gives_the_same_answer_as_sdpa(tiny_llava):
         engine = hf_engine(cfg)
         assert engine.backend == f"transformers/float32/{attn}"
         results[attn] = engine.generate([preprocessor(cfg).prepare(Record(id=1, images=[image], prompt="Who?"))], cfg.generation)[0].text
-    assert results["sdpa"] == results["eager"] == reference_text(tiny_llava, [image], "Who?", 10)
+    assert results["sdpa"] == results["eager"] == reference(tiny_llava, [image], "Who?", 10).text
 
 
-def test_four_bit_peak_memory_is_below_half_of_float32(tmp_path):
-    """Measured in fresh processes on a tiny-but-wider checkpoint (benchmarks/memory.py)."""
+def test_four_bit_lowers_the_kernels_peak_rss_and_the_footprint(tmp_path):
+    """Measured in fresh processes on a tiny-but-wider checkpoint (benchmarks/memory.py): peak RSS
+    is the kernel's VmHWM, which counts the checkpoint's mapped file pages and the load's
+    transients too (measured 0.62 of float32), so the bound is looser than the footprint's."""
     ckpt = build_wide_checkpoint(tmp_path / "wide")
     fp32 = measure(ckpt, {"model.dtype": "float32"})
     four = measure(ckpt, {"model.dtype": "bfloat16", "model.quantization.mode": "4bit"})
     assert four["language_model_linear"] == ["Linear4bit"]
     assert four["footprint_bytes"] < 0.2 * fp32["footprint_bytes"]
-    assert four["anon_peak_bytes"] < 0.5 * fp32["anon_peak_bytes"], (four, fp32)
+    assert four["hwm_bytes"] < 0.75 * fp32["hwm_bytes"], (four, fp32)
+    assert four["anon_after_bytes"] < 0.5 * fp32["anon_after_bytes"], (four, fp32)

@@ -1,7 +1,7 @@
 """The vLLM backend on a GPU: agreement with transformers on the tiny checkpoints, the offline
 job with `backend: vllm`, and the Serve app streaming from vLLM's async engine.
 
-Run on the GPU machine (GPU.md): `python3 -m pytest -q -s -m gpu tests/test_vllm.py`.
+Run on a GPU machine: `make test-gpu` (or `python -m pytest -q -s -m gpu` where vLLM is installed).
 Agreement rule (random weights make near-ties possible): in float32 on both sides, the first
 generated token is equal on every row and the whole greedy text on at least 90% of rows; the
 measured agreement is printed (`-s`) and recorded as a test property.
@@ -9,14 +9,15 @@ measured agreement is printed (`-s`) and recorded as a test property.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
 
 import httpx
 import pyarrow as pa
 import pytest
-from conftest import (
+
+from pipeline.config import load_config
+from tests.conftest import (
     encode,
     hf_engine,
     photo,
@@ -26,18 +27,7 @@ from conftest import (
     write_parquet,
 )
 
-from pipeline.config import load_config
-
-
-def _why_skip() -> str | None:
-    if importlib.util.find_spec("vllm") is None:
-        return "vllm is not installed (pip install 'llava-ray[vllm]')"
-    import torch
-
-    return None if torch.cuda.is_available() else "no CUDA GPU visible"
-
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_why_skip() is not None, reason=_why_skip() or "")]
+pytestmark = pytest.mark.gpu  # run by `make test-gpu`; skipped (saying why) where CUDA or vLLM is missing
 
 MAX_NEW = 24
 # Each vLLM engine here takes a fifth of the GPU, so engines that outlive their test still fit.

@@ -1,0 +1,142 @@
+"""The `llava-ray` command as a user runs it: exit codes, one-line errors, summaries, the demo."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import pytest
+import transformers as tf
+import yaml
+
+from tests.conftest import ROOT, cli, read_output, resized, write_parquet
+
+
+def test_check_config_cli_exit_codes(tmp_path, tiny_llava):
+    ok = cli("check-config", "configs/demo.yaml", "--set", f"model.name={tiny_llava}")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("ok: configs/demo.yaml (transformers")
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: m}\nresources: {model_actor: 2}\n")
+    res = cli("check-config", str(bad))
+    assert res.returncode == 2
+    assert res.stderr.strip() == "config error: resources.model_actor: unknown key (check the spelling)"
+
+    res = cli("check-config", str(tmp_path / "missing.yaml"))
+    assert res.returncode == 2 and "no such config file" in res.stderr
+
+    bad.write_text("model: [oops\n")
+    res = cli("check-config", str(bad))
+    assert res.returncode == 2 and "not valid YAML" in res.stderr
+
+
+@pytest.mark.cpu_only
+def test_cuda_device_without_a_gpu_is_a_config_error(tiny_llava):
+    res = cli("check-config", "configs/demo.yaml", "--set", f"model.name={tiny_llava}", "--set", "model.device=cuda")
+    assert res.returncode == 2
+    assert res.stderr.strip() == "config error: model.device: 'cuda' but no CUDA GPU is visible; use model.device=auto or cpu"
+
+
+def test_tiny_model_cli_builds_a_loadable_checkpoint(tmp_path):
+    res = cli("tiny-model", str(tmp_path / "ck"), "--family", "llava-next")
+    assert res.returncode == 0, res.stderr
+    cfg = tf.AutoConfig.from_pretrained(tmp_path / "ck")
+    assert cfg.model_type == "llava_next" and cfg.vision_config.image_size == 336 and cfg.vision_config.patch_size == 14
+    proc = tf.AutoProcessor.from_pretrained(tmp_path / "ck")
+    assert proc.patch_size == 14 and proc.vision_feature_select_strategy == "default" and proc.num_additional_image_tokens == 1
+    assert proc.image_processor.image_grid_pinpoints[0] == [336, 672]
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
+    assert proc.apply_chat_template(msgs, add_generation_prompt=True) == "[INST] <image>\nHi [/INST]"
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_from_a_fresh_directory(tmp_path):
+    """The README's first command: builds the tiny model into an empty cache, writes the photos,
+    runs the job on embedded Ray, prints the table and the summary."""
+    env = {**os.environ, "LLAVA_RAY_CACHE": str(tmp_path / "cache")}
+    res = cli("demo", "--config", str(ROOT / "configs" / "demo.yaml"), cwd=tmp_path, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = read_output(tmp_path / "demo-data" / "output")
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["id", "text", "error"]
+    table = {line.split()[0]: line for line in lines[1 : 1 + len(out)]}
+    assert set(table) == set(out) == {"astronaut", "chelsea", "coffee", "rocket", "page", "hubble_deep_field", "broken"}
+    assert out["broken"]["error"].startswith("image: truncated or corrupt PNG data") and table["broken"].endswith(out["broken"]["error"])
+    assert all(out[k]["error"] is None and out[k]["text"] for k in out if k != "broken")
+    assert lines[1 + len(out)] == "rows ok: 6  rows failed: 1  (total 7, processed this run 7)"
+    assert (tmp_path / "cache" / "tiny-llava" / "tiny.json").is_file()
+
+
+def _job_file(tmp_path, tiny_llava, **extra) -> str:
+    rows = [{"id": i, "image": resized("coffee", 120 + i, 160), "prompt": f"Row {i}?"} for i in range(3)]
+    data = {
+        "model": {"name": tiny_llava}, "generation": {"max_new_tokens": 4},
+        "input": {"path": write_parquet(tmp_path / "in.parquet", rows)}, "output": {"path": str(tmp_path / "out")},
+        **extra,
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_run_exit_codes_and_one_line_errors(tmp_path, tiny_llava):
+    job = _job_file(tmp_path, tiny_llava)
+    res = cli("run", job, "--set", "generation.max_new_tokens=0")
+    assert (res.returncode, res.stderr.strip()) == (2, "config error: generation.max_new_tokens: Input should be greater than or equal to 1")
+    res = cli("run", job, "--set", f"input.path={tmp_path / 'nowhere.parquet'}")
+    assert (res.returncode, res.stderr.strip()) == (1, f"error: input.path: {tmp_path / 'nowhere.parquet'} does not exist")
+    res = cli("run", job, "--set", "model.name=" + str(tmp_path))  # a folder that is not a checkpoint
+    assert res.returncode == 2 and res.stderr.startswith(f"config error: model.name: '{tmp_path}' is not a loadable checkpoint")
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+@pytest.mark.slow
+def test_run_prints_the_summary_and_keep_first_drops_repeated_ids(tmp_path, tiny_llava):
+    rows = [{"id": i, "image": resized("rocket", 100 + 10 * i, 140), "prompt": f"Row {i}?"} for i in (1, 2, 2, 3)]
+    data = {
+        "model": {"name": tiny_llava}, "generation": {"max_new_tokens": 4},
+        "input": {"path": write_parquet(tmp_path / "in.parquet", rows), "duplicate_ids": "keep_first"},
+        "output": {"path": str(tmp_path / "out")},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
+    res = cli("run", str(tmp_path / "job.yaml"), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert lines[0] == "rows ok: 3  rows failed: 0  (total 3, processed this run 3, dropped duplicates 1)"
+    assert lines[2] == f"model: {tiny_llava}  backend: transformers/float32/sdpa"
+    assert lines[3] == f"output: {tmp_path / 'out'}"
+    out = read_output(tmp_path / "out")
+    assert sorted(out) == [1, 2, 3] and out[2]["prompt_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_serve_answers_until_interrupted(tmp_path, tiny_llava):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "serve", "configs/serve-tiny.yaml", "--set", f"model.name={tiny_llava}",
+         "--set", f"serve.port={port}", "--set", "serve.api_key_env=LLAVA_RAY_TEST_KEY"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+        env={**os.environ, "LLAVA_RAY_TEST_KEY": "from-the-env"},
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"serving at http://127.0.0.1:{port}/v1"), line
+        url = f"http://127.0.0.1:{port}/v1"
+        assert httpx.get(f"{url}/models", timeout=30).status_code == 401  # serve.api_key_env names the key's variable
+        ok = httpx.get(f"{url}/models", headers={"Authorization": "Bearer from-the-env"}, timeout=30)
+        assert ok.status_code == 200 and ok.json()["data"][0]["id"] == tiny_llava
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+
+
+def test_serve_with_a_bad_config_exits_2(tmp_path):
+    res = cli("serve", "configs/serve-tiny.yaml", "--set", "serve.port=0")
+    assert (res.returncode, res.stderr.strip()) == (2, "config error: serve.port: Input should be greater than or equal to 1")
