@@ -67,6 +67,7 @@ def ingress_options(cfg: Config) -> dict[str, Any]:
 
 def build(cfg: Config) -> Application:
     check_environment(cfg)
+    cfg.serve.resolved_api_key()  # an empty key variable fails here, in one line, not in a replica
     model = LlavaModel.options(**model_options(cfg)).bind(cfg)
     return LlavaIngress.options(**ingress_options(cfg)).bind(cfg, model)
 

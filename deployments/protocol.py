@@ -12,9 +12,12 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from pipeline.config import GenerationConfig
+from pipeline.errors import describe_validation_error
+
+from .errors import APIError
 from pipeline.records import Record, Result
 
 
@@ -63,9 +66,12 @@ class ChatCompletionRequest(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # Declared only to refuse them: generation here has no logprobs, tools or penalties.
+    # Declared only to refuse them: generation here has no logprobs, tools, biases or penalties.
+    # Their no-op values (OpenAI's defaults, which some clients always send) pass.
     logprobs: bool = False
     tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -85,15 +91,31 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError(f"only n=1 is supported, got {v}")
         return v
 
-    @field_validator("logprobs", "tools", "response_format", "presence_penalty", "frequency_penalty")
+    @field_validator("logprobs", "tools", "logit_bias", "presence_penalty", "frequency_penalty")
     @classmethod
     def _unsupported(cls, v: Any, info: ValidationInfo) -> Any:
         if v:
             raise ValueError(f"{info.field_name} is not supported by this endpoint; leave it unset")
         return v
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, v: Any) -> Any:
+        if v not in (None, "none", "auto"):  # without tools, "none" and "auto" both mean: answer in text
+            raise ValueError(f"{v!r} needs tools, which this endpoint does not support; leave it unset or 'none'")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and v.get("type") != "text":
+            raise ValueError(f"type {v.get('type')!r} is not supported by this endpoint; only 'text' (the default)")
+        return v
+
     def to_generation(self, default: GenerationConfig) -> GenerationConfig:
-        """Request sampling over the config's defaults; validated again as a GenerationConfig."""
+        """Request sampling over the config's defaults, validated as a GenerationConfig; an error
+        names the request's own field (max_tokens, min_tokens, ...), not the config's."""
+        max_name = "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
         given = {
             "max_new_tokens": self.max_completion_tokens or self.max_tokens,
             "min_new_tokens": self.min_tokens,
@@ -102,7 +124,18 @@ class ChatCompletionRequest(BaseModel):
             "seed": self.seed,
             "stop": self.stop or None,
         }
-        return GenerationConfig(**{**default.model_dump(), **{k: v for k, v in given.items() if v is not None}})
+        try:
+            return GenerationConfig(**{**default.model_dump(), **{k: v for k, v in given.items() if v is not None}})
+        except ValidationError as e:
+            loc, message = describe_validation_error(e)
+            for ours, theirs in (("max_new_tokens", max_name), ("min_new_tokens", "min_tokens")):
+                loc, message = loc.replace(ours, theirs), message.replace(ours, theirs)
+            raise APIError(422, f"{loc}: {message}" if loc else message, param=loc or None, code="invalid_value") from None
+
+    def fetches(self) -> bool:
+        """Whether any image is a URL to fetch (rather than inline data:)."""
+        return any(not part.image_url.url.startswith("data:") for m in self.messages if isinstance(m.content, list)
+                   for part in m.content if isinstance(part, ImagePart))
 
     def to_record(self, request_id: str) -> Record:
         return Record(id=request_id, messages=[m.to_dict() for m in self.messages])

@@ -100,8 +100,11 @@ class LlavaIngressServer:
         self.served_name = cfg.serve.served_model_name or cfg.model.name
         self.api_key = cfg.serve.resolved_api_key()
         self.preprocessor = Preprocessor(cfg, Checkpoint.load(cfg.model), local_ok=False)
-        # Decoding and http(s) fetches block: run them off the event loop, fetch.concurrency at a time.
-        self.pool = ThreadPoolExecutor(cfg.fetch.concurrency, thread_name_prefix="preprocess")
+        # Decoding blocks, and http(s) fetches block for up to fetch.timeout_s: both run off the
+        # event loop, on two pools, so requests with inline (data:) images never queue behind
+        # slow fetches.
+        self.fetch_pool = ThreadPoolExecutor(cfg.fetch.concurrency, thread_name_prefix="fetch")
+        self.inline_pool = ThreadPoolExecutor(cfg.fetch.concurrency, thread_name_prefix="inline")
         logger.info("ingress ready for %s (api key %s)", self.served_name, "on" if self.api_key else "off")
 
     async def answer(self, request: Request, handler, *args) -> Response:
@@ -142,6 +145,10 @@ class LlavaIngressServer:
             )
 
     async def _read_json(self, request: Request) -> Any:
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json":  # also what keeps a browser's form post out when no key is set
+            raise APIError(415, f"the body must be JSON (Content-Type: application/json), got {media or 'no Content-Type'!r}",
+                           code="unsupported_media_type")
         limit = self.cfg.serve.max_body_bytes
         too_big = APIError(413, f"request body exceeds serve.max_body_bytes={limit}", code="request_too_large")
         declared = request.headers.get("content-length", "")
@@ -158,6 +165,10 @@ class LlavaIngressServer:
             raise APIError(400, f"request body is not valid JSON: {e.msg} at char {e.pos}", code="invalid_json") from None
         except UnicodeDecodeError:
             raise APIError(400, "request body is not valid JSON: not UTF-8", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "request body is not valid JSON: nested too deeply", code="invalid_json") from None
+        except ValueError as e:  # e.g. an integer of thousands of digits
+            raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
 
     async def chat(self, request: Request) -> Response:
         req = ChatCompletionRequest.model_validate(await self._read_json(request))
@@ -165,7 +176,8 @@ class LlavaIngressServer:
         sampling = req.to_generation(self.cfg.generation)
         request_id = completion_id()
         prepared: PreparedRequest = await asyncio.get_running_loop().run_in_executor(
-            self.pool, self.preprocessor.prepare, req.to_record(request_id), sampling.max_new_tokens
+            self.fetch_pool if req.fetches() else self.inline_pool,
+            self.preprocessor.prepare, req.to_record(request_id), sampling.max_new_tokens,
         )
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, describe_validation_error
 
@@ -53,12 +53,19 @@ class GenerationConfig(_Strict):
     min_new_tokens: int = Field(default=0, ge=0)  # benchmarks force a fixed length (= max_new_tokens)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)  # what torch and vLLM take
     stop: list[str] = Field(default_factory=list)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: list[str]) -> list[str]:
+        if any(s == "" for s in stop):  # "" occurs everywhere: it would end every answer at once
+            raise ValueError("stop strings must not be empty")
+        return stop
 
     @model_validator(mode="after")
     def _min_le_max(self) -> "GenerationConfig":
@@ -183,11 +190,25 @@ class ServeConfig(_Strict):
     max_ongoing_requests: int = Field(default=32, ge=1)
     max_queued_requests: int = Field(default=64, ge=-1)
     max_body_bytes: int = Field(default=30 * 1024 * 1024, ge=1)
+    # The bearer key clients must send: serve.api_key, else the variable serve.api_key_env names.
+    # Neither set (api_key_env: null, or the variable absent) runs without a key, on purpose.
     api_key: str | None = Field(default=None, repr=False)
     api_key_env: str | None = "LLAVA_RAY_API_KEY"
 
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():  # an empty key must never mean "no authentication"
+            raise ValueError("an empty key is not a key; set a real one, or remove serve.api_key to run without one")
+        return v
+
     def resolved_api_key(self) -> str | None:
-        return self.api_key or (os.environ.get(self.api_key_env) if self.api_key_env else None)
+        if self.api_key is not None:
+            return self.api_key
+        value = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if value is not None and not value.strip():
+            raise ConfigError("serve.api_key_env", f"${self.api_key_env} is set but empty; set a real key, or unset the variable to run without one")
+        return value
 
 
 class Config(_Strict):

@@ -82,10 +82,15 @@ class EngineDead(LlavaRayError):
     """The engine process died: nothing more can run in this process (restart the actor)."""
 
 
+_UNION_TAGS = ("str", "int", "float", "bool", "list[", "dict[", "tagged-union[", "function-")
+
+
 def describe_validation_error(err: Any) -> tuple[str, str]:
-    """(dotted location, one-line message) of a pydantic ValidationError's first error."""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    """(dotted location, one-line message) of a pydantic ValidationError. Of a union's errors
+    the deepest is the one that names the field at fault; the union branches' own tags
+    ("str", "list[...]") are left out of the location."""
+    first = max(err.errors(), key=lambda e: len(e["loc"]))
+    loc = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and p.startswith(_UNION_TAGS)))
     msg = "unknown key (check the spelling)" if first["type"] == "extra_forbidden" else first["msg"]
     msg = msg.removeprefix("Value error, ")
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""

@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import quote, urljoin, urlsplit
@@ -177,9 +178,16 @@ def _connect(target: Target, timeout: float) -> http.client.HTTPConnection:
 
 
 def _get(target: Target, deadline: float, max_bytes: int) -> tuple[bytes | None, str | None]:
-    """One GET: (body, None), or (None, Location) for a redirect."""
+    """One GET: (body, None), or (None, Location) for a redirect.
+
+    The deadline covers the whole exchange: a socket timeout bounds each read alone, so a server
+    that drips its status line and headers a byte at a time would hold the request for ever.
+    A timer shuts the socket at the deadline, which ends whatever read is blocked."""
     conn = _connect(target, max(deadline - time.monotonic(), 0.001))
     sock = conn.sock  # the response owns it once headers are read (conn.sock may go None)
+    watchdog = threading.Timer(max(deadline - time.monotonic(), 0.0), _shut, args=(sock,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         conn.request("GET", target.path, headers={"Host": target.host_header, **_HEADERS})
         resp = conn.getresponse()
@@ -203,6 +211,8 @@ def _get(target: Target, deadline: float, max_bytes: int) -> tuple[bytes | None,
             sock.settimeout(remaining)
             chunk = resp.read1(_CHUNK)
             if not chunk:
+                if time.monotonic() >= deadline:  # the watchdog shut the socket: a cut body, not the end
+                    raise TimeoutError
                 return b"".join(chunks), None
             total += len(chunk)
             if total > max_bytes:
@@ -211,9 +221,19 @@ def _get(target: Target, deadline: float, max_bytes: int) -> tuple[bytes | None,
     except TimeoutError:
         raise
     except (http.client.HTTPException, OSError) as e:
+        if time.monotonic() >= deadline:  # the watchdog shut the socket
+            raise TimeoutError from None
         raise _Transient(f"connection to {target.host} failed: {type(e).__name__}: {e}") from None
     finally:
+        watchdog.cancel()
         conn.close()
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
 
 
 def _fetch_once(url: str, fetch: FetchConfig, max_bytes: int) -> bytes:

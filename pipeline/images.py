@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -58,18 +60,36 @@ def load_bytes(
         return fetch_url(source, fetch, limits.max_image_bytes)
     if not local_ok:
         raise ImageError(f"only data: and http(s):// image URLs are accepted, got {source[:80]!r}")
+    if scheme == "":
+        _check_regular_file(source)
     if scheme in ("s3", "s3a", "gs", "gcs", "az", "abfs") or scheme == "":
         import fsspec
 
-        opts = storage_options(storage) if scheme.startswith("s3") else {}
+        opts = storage_options(storage, timeout_s=fetch.timeout_s) if scheme.startswith("s3") else {}
         try:
             with fsspec.open(source, "rb", **opts) as f:
                 return _read_capped(f, limits.max_image_bytes, source)
+        except ImageError:
+            raise
         except FileNotFoundError:
             raise ImageError(f"not found: {source}") from None
-        except (PermissionError, IsADirectoryError, OSError) as e:
-            raise ImageError(f"cannot read {source}: {type(e).__name__}: {e}") from None
+        except Exception as e:  # permissions, a missing bucket, no credentials, a timeout...
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
+            raise ImageError(f"cannot read {source}: {type(e).__name__}: {reason}") from None
     raise ImageError(f"unsupported URL scheme {scheme!r} in {source[:80]!r}; use a path, s3://, http(s):// or data:")
+
+
+def _check_regular_file(path: str) -> None:
+    """Only regular files are read: opening a FIFO nobody writes to (or a device) never returns."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ImageError(f"not found: {path}") from None
+    except OSError as e:
+        raise ImageError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise ImageError(f"{path} is {kind}, not a regular file")
 
 
 def _decode_data_uri(uri: str, limits: LimitsConfig) -> bytes:
@@ -109,6 +129,8 @@ def decode_image(data: bytes, limits: LimitsConfig) -> Image.Image:
             img.load()
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
+    except ImageError:
+        raise
     except Exception as e:
         raise _corrupt(img.format, e) from None
 
@@ -117,13 +139,32 @@ def _corrupt(fmt: str | None, e: Exception) -> ImageError:
     return ImageError(f"truncated or corrupt {fmt + ' ' if fmt else ''}data: {type(e).__name__}: {e}")
 
 
+# Modes PIL converts to RGB as a viewer shows them; the high-bit-depth ones are scaled first.
+_CONVERTIBLE = {"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LA", "La", "PA", "HSV"}
+_HIGH_DEPTH = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16/32-bit integer and float greyscale -> 8 bits, as viewers show them: floats in 0..1 as
+    0..255, anything else stretched from 0 (or its minimum, when negative) to its maximum."""
+    arr = np.asarray(img, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise ImageError(f"mode {img.mode} image holds NaN or infinite values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
+        lo, hi = 0.0, 1.0
+    else:
+        lo = min(lo, 0.0)
+        hi = max(hi, lo + 1.0)
+    return Image.fromarray(np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8))
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: scale to 8 bits instead of clipping everything to white.
-        arr = np.asarray(img, dtype=np.float64)
-        top = max(float(arr.max()), 1.0)
-        img = Image.fromarray((arr * (255.0 / top)).astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in _HIGH_DEPTH:
+        img = _to_8bit(img)
+    elif img.mode not in _CONVERTIBLE:
+        raise ImageError(f"mode {img.mode} images are not supported; convert them to RGB (or 8/16-bit greyscale)")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)

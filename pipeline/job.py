@@ -20,8 +20,10 @@ from .stages import (
     generate_stage,
     preprocess_kwargs,
 )
+from .inputs import inspect_input
+from .outputs import check_no_overlap, check_writable
 from .resume import checkpoint_path, drop_failed_rows
-from .storage import arrow_fs, input_files, output_files, output_rows, parquet_dataset, remove_tree
+from .storage import arrow_fs, input_files, output_files, output_rows, remove_tree
 
 logger = logging.getLogger(__name__)
 
@@ -39,41 +41,6 @@ class JobSummary(BaseModel):
     dropped_duplicates: int = 0
     model: str | None = None  # as the output rows record it
     backend: str | None = None  # transformers/<dtype>/<attention>[/bnb-...] or vllm/<dtype>
-
-
-def _check_input(cfg: Config, ds) -> list[str]:
-    """Fail before any work when the input cannot produce rows; return the columns to read."""
-    cols = cfg.input.columns
-    names = set(ds.schema.names)
-    if cols.id not in names:
-        raise JobError(f"input: id column {cols.id!r} not found; columns are {sorted(names)} (input.columns.id)")
-    if cols.image not in names and cols.image_path not in names and cols.messages not in names:
-        raise JobError(
-            f"input: no image column: expected {cols.image!r} (bytes) or {cols.image_path!r} (path/URL); "
-            f"columns are {sorted(names)} (input.columns.image / image_path)"
-        )
-    missing = [c for c in cfg.input.passthrough if c not in names]
-    if missing:
-        raise JobError(f"input.passthrough: columns {missing} not in the input; columns are {sorted(names)}")
-    wanted = [cols.id, cols.image, cols.image_path, cols.prompt, cols.messages, *cfg.input.passthrough]
-    return [c for c in dict.fromkeys(wanted) if c in names]
-
-
-def _duplicates(cfg: Config, ds) -> tuple[int, list]:
-    """(rows that repeat an earlier id, the ids that repeat); raises unless keep_first."""
-    ids = ds.to_table(columns=[cfg.input.columns.id]).column(0)
-    dropped = len(ids) - pc.count_distinct(ids, mode="all").as_py()
-    if not dropped:
-        return 0, []
-    counts = pc.value_counts(ids).to_pylist()
-    repeated = [v["values"] for v in counts if v["counts"] > 1]
-    if cfg.input.duplicate_ids == "error":
-        raise JobError(
-            f"input: {dropped} rows repeat an id ({len(repeated)} ids, e.g. {repeated[0]!r}); ids must be unique "
-            "for exactly-once output and resume. Fix the input, or set input.duplicate_ids=keep_first"
-        )
-    logger.warning("input: dropping %d rows whose id appeared earlier (input.duplicate_ids=keep_first)", dropped)
-    return dropped, repeated
 
 
 def build_dataset(cfg: Config, columns: list[str], files: list[str], fs, repeated: list):
@@ -96,9 +63,9 @@ def run_job(cfg: Config, *, retry_failed: bool = False) -> JobSummary:
         raise JobError("a job needs `input` and `output` sections (input.path, output.path)")
     check_environment(cfg)
     fs, files = input_files(cfg.input.path, cfg.storage)
-    source = parquet_dataset(files, fs)
-    columns = _check_input(cfg, source)
-    dropped, repeated = _duplicates(cfg, source)
+    check_no_overlap(cfg, files)  # before anything is read, written or deleted (output.mode: overwrite)
+    plan = inspect_input(cfg, fs, files)
+    check_writable(cfg)
 
     if cfg.output.mode == "overwrite":
         remove_tree(cfg.output.path, cfg.storage)
@@ -119,11 +86,11 @@ def run_job(cfg: Config, *, retry_failed: bool = False) -> JobSummary:
     out_fs, out_path = arrow_fs(cfg.output.path, cfg.storage)
     start = time.perf_counter()
     try:
-        build_dataset(cfg, columns, files, fs, repeated).write_parquet(out_path, filesystem=out_fs)
+        build_dataset(cfg, plan.columns, plan.files, plan.fs, plan.repeated_ids).write_parquet(out_path, filesystem=out_fs)
     finally:
         ctx.checkpoint_config = None
     seconds = time.perf_counter() - start
-    return summarize(cfg, files_before, seconds, dropped)
+    return summarize(cfg, files_before, seconds, plan.dropped_duplicates)
 
 
 def summarize(cfg: Config, files_before: set[str], seconds: float, dropped: int) -> JobSummary:

@@ -94,11 +94,24 @@ class Preprocessor:
             self.context_len = min(self.context_len, cfg.vllm.max_model_len)
         self.image_token_id = checkpoint.image_token_id
         self.max_images = min(self.family.max_images_per_prompt, cfg.limits.max_images_per_row)
+        # No token is longer than the vocabulary's longest: text beyond context x that many
+        # characters cannot fit, and is refused before tokenising (a 25 MB prompt costs seconds).
+        longest = max(len(t) for t in self.processor.tokenizer.get_vocab())
+        self.max_text_chars = self.context_len * longest
 
     def prepare(self, record: Record, max_new_tokens: int | None = None) -> PreparedRequest:
         """Raise a RowError (ImageError, MessagesError, PromptError; message = the row's error)."""
         cfg = self.cfg
         messages, sources = build_conversation(record, cfg.prompt.system, cfg.prompt.default)
+        texts = [p["text"] for m in messages for p in m["content"] if p["type"] == "text"]
+        chars = sum(len(t) for t in texts)
+        if chars > self.max_text_chars:
+            raise PromptTooLong(f"{chars} characters of text cannot fit the model's context of {self.context_len} tokens")
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate, as a JSON "\ud800" escape gives
+                raise PromptError("the text holds an unpaired UTF-16 surrogate, which is not a character") from None
         if not sources:
             raise ImageError("the row has no image")
         if len(sources) > self.max_images:
@@ -123,7 +136,10 @@ class Preprocessor:
 
     def _encode(self, request_id: Any, prompt: str, images: list) -> PreparedRequest:
         # do_rescale/do_normalize off: the processor returns resized, cropped, tiled uint8.
-        enc = self.processor(images=images, text=prompt, return_tensors="np", do_rescale=False, do_normalize=False)
+        try:
+            enc = self.processor(images=images, text=prompt, return_tensors="np", do_rescale=False, do_normalize=False)
+        except Exception as e:  # the checkpoint's own processor refused what decoded fine
+            raise ImageError(f"the checkpoint's processor cannot take this image: {type(e).__name__}: {e}") from None
         input_ids = enc["input_ids"][0].astype(np.int32)
         pixels = enc["pixel_values"]
         sizes = [(im.height, im.width) for im in images]

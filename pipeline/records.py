@@ -13,6 +13,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from .config import ColumnsConfig
+from .errors import InputError
 
 
 class Record(BaseModel):
@@ -27,20 +28,33 @@ class Record(BaseModel):
 
     @classmethod
     def from_row(cls, row: dict[str, Any], columns: ColumnsConfig) -> "Record":
-        """An offline input row (column names from `input.columns`) -> Record."""
-        images = row.get(columns.image)
-        if images is None:
-            images = row.get(columns.image_path)
-        if images is None:
-            images = []
-        elif isinstance(images, (bytes, str)):
-            images = [images]
-        return cls(
-            id=row.get(columns.id),
-            images=list(images),
-            prompt=row.get(columns.prompt),
-            messages=row.get(columns.messages),
-        )
+        """An offline input row (column names from `input.columns`) -> Record; a value of the
+        wrong type is an InputError naming its column."""
+        images = _images(row.get(columns.image), columns.image)
+        if not images:
+            images = _images(row.get(columns.image_path), columns.image_path)
+        messages = row.get(columns.messages)
+        if messages is not None and not isinstance(messages, (str, list)):
+            raise InputError(f"column {columns.messages!r} holds {type(messages).__name__}; expected a JSON string")
+        return cls(id=row.get(columns.id), images=images, prompt=_text(row.get(columns.prompt), columns.prompt), messages=messages)
+
+
+def _images(value: Any, column: str) -> list[bytes | str]:
+    """A cell of an image column: bytes, a path/URL, a Hugging Face Image {bytes, path}, or a list."""
+    out = []
+    for item in value if isinstance(value, list) else [] if value is None else [value]:
+        if isinstance(item, dict):  # datasets' Image layout: the bytes when present, else the path
+            item = item.get("bytes") or item.get("path")
+        if not isinstance(item, (bytes, str)):
+            raise InputError(f"column {column!r} holds {type(item).__name__}; expected encoded image bytes or a path/URL string")
+        out.append(item)
+    return out
+
+
+def _text(value: Any, column: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise InputError(f"column {column!r} holds {type(value).__name__}; expected a string")
+    return value
 
 
 @dataclass

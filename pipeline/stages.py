@@ -111,8 +111,10 @@ class PreprocessStage:
         self.pre = Preprocessor(self.cfg, Checkpoint.load(self.cfg.model))
         self.pool = ThreadPoolExecutor(self.cfg.fetch.concurrency, thread_name_prefix="prepare")
 
-    def _prepare(self, row: dict[str, Any]) -> dict[str, Any]:
+    def _prepare(self, row: dict[str, Any] | str) -> dict[str, Any]:
         try:
+            if isinstance(row, str):  # the row could not even be read (see python_rows)
+                raise InputError(row)
             return prepared_to_row(self.pre.prepare(Record.from_row(row, self.cfg.input.columns)))
         except RowError as e:  # the row's own fault, already naming its stage and cause
             error = str(e)
@@ -120,16 +122,45 @@ class PreprocessStage:
             loc, message = describe_validation_error(e)
             error = str(InputError(f"{loc}: {message}"))
         except Exception as e:  # anything else is still this row's error, never the batch's
-            logger.exception("preprocessing row %r failed", row.get(self.cfg.input.columns.id))
-            error = f"preprocess: {type(e).__name__}: {e}"
-        return {f.name: None for f in PREPARED_FIELDS} | {"error": error}
+            logger.exception("preprocessing a row failed")
+            error = str(InputError(f"unexpected {type(e).__name__}: {e}"))
+        return {f.name: None for f in PREPARED_FIELDS} | {"error": " ".join(error.split("\n"))}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        keep = _keep(self.cfg)
-        rows = batch.to_pylist()
-        out = [{k: row.get(k) for k in keep} | prepared for row, prepared in zip(rows, self.pool.map(self._prepare, rows))]
-        schema = pa.schema([batch.schema.field(k) for k in keep] + PREPARED_FIELDS)
-        return pa.Table.from_pylist(out, schema=schema)
+        c = self.cfg.input.columns
+        read = [n for n in dict.fromkeys([c.image, c.image_path, c.prompt, c.messages]) if n in batch.schema.names]
+        prepared = list(self.pool.map(self._prepare, python_rows(batch, read)))
+        return with_columns(batch.select(_keep(self.cfg)), pa.Table.from_pylist(prepared, schema=pa.schema(PREPARED_FIELDS)))
+
+
+def python_rows(batch: pa.Table, columns: list[str]) -> list[dict[str, Any] | str]:
+    """`columns` of each row as Python values. A value that cannot be converted (a string column
+    holding invalid UTF-8, say) costs only its own row: that row becomes a one-line error naming
+    the column, instead of the batch's conversion failing and taking every row with it."""
+    table = batch.select(columns)
+    try:
+        return table.to_pylist()
+    except Exception:  # find the rows at fault, value by value
+        pass
+    rows: list[dict[str, Any] | str] = []
+    for i in range(table.num_rows):
+        row: dict[str, Any] | str = {}
+        for name in columns:
+            try:
+                row[name] = table.column(name)[i].as_py()
+            except Exception as e:
+                reason = "invalid UTF-8" if isinstance(e, UnicodeDecodeError) else f"{type(e).__name__}: {e}"
+                row = f"column {name!r}: cannot read the value ({reason})"
+                break
+        rows.append(row)
+    return rows
+
+
+def with_columns(kept: pa.Table, added: pa.Table) -> pa.Table:
+    """The input's own columns, untouched Arrow (never converted to Python), beside the stage's."""
+    for field in added.schema:
+        kept = kept.append_column(field, added.column(field.name))
+    return kept
 
 
 class GenerateStage:
@@ -140,38 +171,31 @@ class GenerateStage:
         self.engine = make_engine(self.cfg, Checkpoint.load(self.cfg.model))
 
     def _requests(self, batch: pa.Table) -> tuple[list[dict], list[tuple[int, PreparedRequest]]]:
-        id_col = self.cfg.input.columns.id
-        rows = batch.to_pylist()
-        return rows, [(i, row_to_prepared(r, r[id_col])) for i, r in enumerate(rows) if r["error"] is None]
+        rows = batch.select([f.name for f in PREPARED_FIELDS]).to_pylist()  # ours: always valid
+        return rows, [(i, row_to_prepared(r, i)) for i, r in enumerate(rows) if r["error"] is None]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows, todo = self._requests(batch)
         return self._table(batch, rows, todo, self.engine.generate([p for _, p in todo], self.cfg.generation))
 
     def _table(self, batch: pa.Table, rows: list[dict], todo: list, generated: list[Result]) -> pa.Table:
-        id_col = self.cfg.input.columns.id
-        keep = _keep(self.cfg)
         results: list[Result | None] = [None] * len(rows)
         for (i, _), res in zip(todo, generated):
             results[i] = res
         out = []
-        for row, res in zip(rows, results):
-            res = res or Result.failed(row[id_col], row["error"])
-            out.append(
-                {k: row[k] for k in keep}
-                | {
-                    "text": res.text,
-                    "finish_reason": res.finish_reason,
-                    "prompt_tokens": res.prompt_tokens,
-                    "image_tokens": res.image_tokens,
-                    "completion_tokens": res.completion_tokens,
-                    "model": self.engine.model_name,
-                    "backend": self.engine.backend,
-                    "error": res.error,
-                }
-            )
-        schema = pa.schema([batch.schema.field(k) for k in keep] + RESULT_FIELDS)
-        return pa.Table.from_pylist(out, schema=schema)
+        for i, (row, res) in enumerate(zip(rows, results)):
+            res = res or Result.failed(i, row["error"])
+            out.append({
+                "text": res.text,
+                "finish_reason": res.finish_reason,
+                "prompt_tokens": res.prompt_tokens,
+                "image_tokens": res.image_tokens,
+                "completion_tokens": res.completion_tokens,
+                "model": self.engine.model_name,
+                "backend": self.engine.backend,
+                "error": res.error,
+            })
+        return with_columns(batch.select(_keep(self.cfg)), pa.Table.from_pylist(out, schema=pa.schema(RESULT_FIELDS)))
 
 
 class AsyncGenerateStage(GenerateStage):

@@ -12,9 +12,12 @@ from .config import StorageConfig
 from .errors import JobError
 
 
-def storage_options(storage: StorageConfig) -> dict[str, Any]:
-    """s3fs options from the config; credentials absent here come from the AWS environment."""
+def storage_options(storage: StorageConfig, timeout_s: float | None = None) -> dict[str, Any]:
+    """s3fs options from the config; credentials absent here come from the AWS environment.
+    `timeout_s` bounds each connect and read (botocore's own timeouts; image reads use it)."""
     opts: dict[str, Any] = {"anon": storage.anonymous}
+    if timeout_s is not None:
+        opts["config_kwargs"] = {"connect_timeout": timeout_s, "read_timeout": timeout_s, "retries": {"max_attempts": 2}}
     if storage.key and storage.secret:
         opts.update(key=storage.key, secret=storage.secret)
     client: dict[str, Any] = {}

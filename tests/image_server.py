@@ -19,6 +19,7 @@ class Route:
     headers: dict[str, str] = field(default_factory=dict)
     content_length: bool = True  # False: no header, the body ends when the connection closes
     drip_s: float = 0.0  # pause before each 1 KiB piece
+    drip_headers_s: float = 0.0  # pause before each byte of the status line and headers
 
 
 class ImageServer:
@@ -31,6 +32,17 @@ class ImageServer:
             def do_GET(self):
                 server.seen.append((self.path, self.headers.get("Host")))
                 route = server.routes.get(self.path, Route(b"not found", 404))
+                if route.drip_headers_s:  # a server that sends its head a byte at a time
+                    head = f"HTTP/1.1 {route.status} OK\r\nContent-Length: {len(route.body)}\r\n\r\n".encode()
+                    try:
+                        for byte in head:
+                            time.sleep(route.drip_headers_s)
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                        self.wfile.write(route.body)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    return
                 self.send_response(route.status)
                 for k, v in route.headers.items():
                     self.send_header(k, v)

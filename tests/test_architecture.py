@@ -103,10 +103,10 @@ LAYERS = {
     "pipeline.vllm_inputs": 4, "pipeline.engines": 4,
     "pipeline.preprocess": 5, "pipeline.checks": 5,
     "pipeline.stages": 6, "pipeline.resume": 6,
-    "pipeline.job": 7, "pipeline.demo": 7,
-    "pipeline.cli": 8, "pipeline.__main__": 9,
+    "pipeline.job": 8, "pipeline.demo": 7, "pipeline.inputs": 7, "pipeline.outputs": 7,
+    "pipeline.cli": 9, "pipeline.__main__": 10,
     "deployments": 6,  # the endpoint: pipeline layers 0-5 below it
-    "deployments.app": 9,  # imported by the CLI only
+    "deployments.app": 10,  # imported by the CLI only
 }
 
 

@@ -402,7 +402,7 @@ def test_overload_is_a_503_in_openai_shape_and_service_resumes(tight_app):
     """By construction: a long stream holds the one model slot, then two more long requests
     arrive for the one queue place; exactly one of them is refused, whatever their order."""
     messages = [user(data_uri(ASTRONAUT), "Describe it.")]
-    long = {"model": MODEL, "messages": messages, "max_tokens": 2000, "min_tokens": 2000}
+    long = {"model": MODEL, "messages": messages, "max_tokens": 3400, "min_tokens": 3400}  # tens of seconds each
 
     async def flood():
         async with httpx.AsyncClient(timeout=300, headers={"Authorization": f"Bearer {KEY}"}) as h:

@@ -167,6 +167,16 @@ def test_deadline_covers_a_slow_drip(server):
     assert time.monotonic() - start < 1.5
 
 
+def test_deadline_covers_a_server_that_drips_its_headers(server):
+    """Each byte arrives well within the timeout, so only a deadline over the whole exchange
+    (connect, headers and body together) stops it."""
+    url = server.add("/drip-head", b"x" * 100, drip_headers_s=0.05)  # about 2 s of headers
+    start = time.monotonic()
+    msg = _refused(url, _cfg(allowed_private_hosts=["127.0.0.1"], timeout_s=0.5))
+    assert msg == f"image: timed out after fetch.timeout_s=0.5s fetching {url}"
+    assert time.monotonic() - start < 1.5
+
+
 def test_status_errors_and_retries(server):
     fetch = _cfg(allowed_private_hosts=["127.0.0.1"], retries=2)
     missing = server.url("/nope")

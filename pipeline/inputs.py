@@ -1,0 +1,160 @@
+"""What the job's input holds, checked before Ray starts: files, column types, ids.
+
+Everything that can be known from the Parquet files' schemas and id column is refused here in
+one line (a JobError) instead of failing after Ray has started: a missing or wrongly typed
+column, ids of a type that cannot key exactly-once output, null or repeated ids, files whose
+column types disagree, input names that collide with the output's own columns.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .config import Config
+from .errors import JobError
+from .stages import PREPARED_FIELDS, RESULT_FIELDS
+from .storage import parquet_dataset
+
+logger = logging.getLogger(__name__)
+
+# What the stages write: an input column carried to the output may not take one of these names.
+STAGE_COLUMNS = {f.name for f in PREPARED_FIELDS + RESULT_FIELDS}
+
+
+def _is_string(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+def _hf_image(t: pa.DataType) -> bool:
+    """The Hugging Face `datasets` Image layout: struct<bytes: binary, path: string>."""
+    if not pa.types.is_struct(t):
+        return False
+    names = {t.field(i).name: t.field(i).type for i in range(t.num_fields)}
+    return set(names) == {"bytes", "path"} and _is_binary(names["bytes"]) and _is_string(names["path"])
+
+
+def _image_ok(t: pa.DataType) -> bool:
+    one = lambda x: _is_binary(x) or _hf_image(x) or pa.types.is_null(x)  # noqa: E731
+    return one(t) or (_is_list(t) and one(t.value_type))
+
+
+def _path_ok(t: pa.DataType) -> bool:
+    return _is_string(t) or pa.types.is_null(t) or (_is_list(t) and (_is_string(t.value_type) or pa.types.is_null(t.value_type)))
+
+
+def _text_ok(t: pa.DataType) -> bool:
+    return _is_string(t) or pa.types.is_null(t)
+
+
+def _id_ok(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or _is_string(t)
+
+
+@dataclass(frozen=True)
+class InputPlan:
+    fs: object  # pyarrow filesystem of the files
+    files: list[str]
+    columns: list[str]  # what the job reads, in order
+    rows: int
+    dropped_duplicates: int  # rows that repeat an earlier id (input.duplicate_ids: keep_first)
+    repeated_ids: list  # the ids that repeat (for the drop stage)
+
+
+def _schemas(fs, files: list[str]) -> list[pa.Schema]:
+    out = []
+    for f in files:
+        try:
+            with fs.open_input_file(f) as handle:
+                out.append(pq.read_schema(handle))
+        except (OSError, pa.ArrowInvalid) as e:
+            raise JobError(f"input.path: {f} is not a readable Parquet file: {str(e).splitlines()[0]}") from None
+    return out
+
+
+def _check_types(cfg: Config, files: list[str], schemas: list[pa.Schema]) -> list[str]:
+    """The columns to read, after checking that every file gives each the same, usable type."""
+    cols = cfg.input.columns
+    names = set(schemas[0].names)
+    if cols.id not in names:
+        raise JobError(f"input: id column {cols.id!r} not found; columns are {sorted(names)} (input.columns.id)")
+    if cols.image not in names and cols.image_path not in names and cols.messages not in names:
+        raise JobError(
+            f"input: no image column: expected {cols.image!r} (bytes) or {cols.image_path!r} (path/URL); "
+            f"columns are {sorted(names)} (input.columns.image / image_path)"
+        )
+    missing = [c for c in cfg.input.passthrough if c not in names]
+    if missing:
+        raise JobError(f"input.passthrough: columns {missing} not in the input; columns are {sorted(names)}")
+    wanted = [cols.id, cols.image, cols.image_path, cols.prompt, cols.messages, *cfg.input.passthrough]
+    columns = [c for c in dict.fromkeys(wanted) if c in names]
+
+    for f, schema in zip(files[1:], schemas[1:]):
+        for c in columns:
+            if c not in schema.names:
+                raise JobError(f"input: column {c!r} is in {files[0]} but not in {f}; every file needs the same columns")
+            a, b = schemas[0].field(c).type, schema.field(c).type
+            if a != b and not (pa.types.is_null(a) or pa.types.is_null(b)):
+                raise JobError(f"input: column {c!r} is {a} in {files[0]} but {b} in {f}; write every file with one type")
+
+    kinds = {
+        cols.id: (_id_ok, "integers or strings (cast float, dictionary, binary or timestamp ids to int64 or string)"),
+        cols.image: (_image_ok, "binary (encoded image bytes), struct<bytes, path> (Hugging Face Image), or a list of them"),
+        cols.image_path: (_path_ok, "string (path or URL) or a list of strings"),
+        cols.prompt: (_text_ok, "string"),
+        cols.messages: (_text_ok, "string (an OpenAI-style conversation as JSON)"),
+    }
+    for c in columns:
+        if c in kinds:
+            ok, expected = kinds[c]
+            t = schemas[0].field(c).type
+            if not ok(t):
+                what = "id column" if c == cols.id else "column"
+                raise JobError(f"input: {what} {c!r} is {t}; expected {expected}")
+
+    carried = [cols.id, *cfg.input.passthrough]
+    for c in carried:
+        if c in STAGE_COLUMNS:
+            key = "input.columns.id" if c == cols.id else "input.passthrough"
+            raise JobError(f"{key}: input column {c!r} collides with a column the job writes; rename it in the input")
+    return columns
+
+
+def _check_ids(cfg: Config, ids: pa.ChunkedArray) -> tuple[int, list]:
+    """(rows that repeat an earlier id, the ids that repeat); raises unless keep_first."""
+    nulls = ids.null_count
+    if nulls:
+        raise JobError(f"input: {nulls} rows have a null id (column {cfg.input.columns.id!r}); every row needs an id")
+    dropped = len(ids) - pc.count_distinct(ids, mode="all").as_py()
+    if not dropped:
+        return 0, []
+    counts = pc.value_counts(ids).to_pylist()
+    repeated = [v["values"] for v in counts if v["counts"] > 1]
+    if cfg.input.duplicate_ids == "error":
+        raise JobError(
+            f"input: {dropped} rows repeat an id ({len(repeated)} ids, e.g. {repeated[0]!r}); ids must be unique "
+            "for exactly-once output and resume. Fix the input, or set input.duplicate_ids=keep_first"
+        )
+    logger.warning("input: dropping %d rows whose id appeared earlier (input.duplicate_ids=keep_first)", dropped)
+    return dropped, repeated
+
+
+def inspect_input(cfg: Config, fs, files: list[str]) -> InputPlan:
+    """Check the input files (storage.input_files) and return what to read; JobError (one
+    line) when they cannot serve the job."""
+    columns = _check_types(cfg, files, _schemas(fs, files))
+    ids = parquet_dataset(files, fs).to_table(columns=[cfg.input.columns.id]).column(0)
+    dropped, repeated = _check_ids(cfg, ids)
+    return InputPlan(fs=fs, files=files, columns=columns, rows=len(ids), dropped_duplicates=dropped, repeated_ids=repeated)
