@@ -88,9 +88,10 @@ def serve_local(cfg: Config, *, blocking: bool = True, on_ready: Callable[[str],
     """
     import ray
 
+    app = build(cfg)  # every check before Ray starts
     started_ray = init_ray(cfg)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(build(cfg), name=APP_NAME, route_prefix="/")
+    serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
     logger.info("serving %s at %s", cfg.serve.served_model_name or cfg.model.name, url)
     if on_ready is not None:

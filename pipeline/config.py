@@ -113,6 +113,9 @@ class InputConfig(_Strict):
 class OutputConfig(_Strict):
     path: str
     mode: Literal["resume", "overwrite"] = "resume"
+    # A crashed run's lease on the output expires after this long without a heartbeat
+    # (pipeline/lease.py says why 90 s).
+    lease_expiry_s: float = Field(default=90.0, ge=5.0)
 
 
 class ResourcesConfig(_Strict):

@@ -68,6 +68,7 @@ class InputPlan:
     fs: object  # pyarrow filesystem of the files
     files: list[str]
     columns: list[str]  # what the job reads, in order
+    id_type: pa.DataType
     rows: int
     dropped_duplicates: int  # rows that repeat an earlier id (input.duplicate_ids: keep_first)
     repeated_ids: list  # the ids that repeat (for the drop stage)
@@ -154,7 +155,9 @@ def _check_ids(cfg: Config, ids: pa.ChunkedArray) -> tuple[int, list]:
 def inspect_input(cfg: Config, fs, files: list[str]) -> InputPlan:
     """Check the input files (storage.input_files) and return what to read; JobError (one
     line) when they cannot serve the job."""
-    columns = _check_types(cfg, files, _schemas(fs, files))
+    schemas = _schemas(fs, files)
+    columns = _check_types(cfg, files, schemas)
     ids = parquet_dataset(files, fs).to_table(columns=[cfg.input.columns.id]).column(0)
     dropped, repeated = _check_ids(cfg, ids)
-    return InputPlan(fs=fs, files=files, columns=columns, rows=len(ids), dropped_duplicates=dropped, repeated_ids=repeated)
+    return InputPlan(fs=fs, files=files, columns=columns, id_type=schemas[0].field(cfg.input.columns.id).type,
+                     rows=len(ids), dropped_duplicates=dropped, repeated_ids=repeated)

@@ -20,9 +20,10 @@ from .stages import (
     generate_stage,
     preprocess_kwargs,
 )
-from .inputs import inspect_input
+from .inputs import InputPlan, inspect_input
+from .lease import Lease
 from .outputs import check_no_overlap, check_writable
-from .resume import checkpoint_path, drop_failed_rows
+from .resume import checkpoint_path, drop_failed_rows, reconcile
 from .storage import arrow_fs, input_files, output_files, output_rows, remove_tree
 
 logger = logging.getLogger(__name__)
@@ -56,9 +57,8 @@ def build_dataset(cfg: Config, columns: list[str], files: list[str], fs, repeate
 
 
 def run_job(cfg: Config, *, retry_failed: bool = False) -> JobSummary:
-    from ray.data import DataContext
-    from ray.data.checkpoint import CheckpointConfig
-
+    """Check everything that can be known before Ray starts (one-line errors), take the output's
+    lease, then run. ARCHITECTURE.md, "Resume", says what a rerun does."""
     if cfg.input is None or cfg.output is None:
         raise JobError("a job needs `input` and `output` sections (input.path, output.path)")
     check_environment(cfg)
@@ -66,12 +66,21 @@ def run_job(cfg: Config, *, retry_failed: bool = False) -> JobSummary:
     check_no_overlap(cfg, files)  # before anything is read, written or deleted (output.mode: overwrite)
     plan = inspect_input(cfg, fs, files)
     check_writable(cfg)
+    with Lease(cfg):
+        return _run(cfg, plan, retry_failed)
+
+
+def _run(cfg: Config, plan: InputPlan, retry_failed: bool) -> JobSummary:
+    from ray.data import DataContext
+    from ray.data.checkpoint import CheckpointConfig
 
     if cfg.output.mode == "overwrite":
         remove_tree(cfg.output.path, cfg.storage)
         remove_tree(checkpoint_path(cfg), cfg.storage)
-    elif retry_failed:
-        drop_failed_rows(cfg)
+    else:
+        if retry_failed:
+            drop_failed_rows(cfg)
+        reconcile(cfg, plan.id_type)
     files_before = set(output_files(cfg.output.path, cfg.storage))
 
     init_ray(cfg)

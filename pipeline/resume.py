@@ -1,5 +1,9 @@
 """Resume bookkeeping on top of Ray Data's checkpointing (`DataContext.checkpoint_config`).
 
+The output is the truth: before a resumed run, `reconcile` makes the checkpoint list exactly
+the ids the output holds (a folder cleaned by hand, a checkpoint deleted), so a rerun never
+duplicates a row and never skips one.
+
 Ray writes one checkpoint file (the ids of a block) per output data file, with a two-phase
 commit: `<prefix>.pending.parquet` before the data file `<prefix>-<n>.parquet`, renamed to
 `<prefix>.parquet` after it. A re-run skips committed ids and deletes the data files of
@@ -10,13 +14,15 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import uuid
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import Config
-from .storage import fsspec_fs, open_atomic
+from .errors import JobError
+from .storage import fsspec_fs, open_atomic, output_files
 
 logger = logging.getLogger(__name__)
 
@@ -68,3 +74,56 @@ def drop_failed_rows(cfg: Config) -> int:
         removed += n_failed
     logger.info("retry-failed: %d rows will be processed again", removed)
     return removed
+
+
+def _ids(fs, files: list[str], id_col: str) -> pa.ChunkedArray:
+    tables = [pq.read_table(fs.open(f, "rb"), columns=[id_col]) for f in files]
+    return pa.concat_tables(tables).column(0) if tables else pa.chunked_array([], pa.null())
+
+
+def _kind(t: pa.DataType) -> str:
+    return "integer" if pa.types.is_integer(t) else "string" if pa.types.is_string(t) or pa.types.is_large_string(t) else str(t)
+
+
+def reconcile(cfg: Config, id_type: pa.DataType) -> str | None:
+    """Make the checkpoint agree with the output; returns what was repaired, or None.
+
+    Data files that belong to a pending (uncommitted) checkpoint are left out: Ray deletes them
+    when the run starts, and their rows run again."""
+    id_col = cfg.input.columns.id
+    ckpt_fs, root = fsspec_fs(checkpoint_path(cfg), cfg.storage)
+    found = sorted(p for p in ckpt_fs.find(root) if p.endswith(".parquet")) if ckpt_fs.exists(root) else []
+    pending = tuple(posixpath.basename(p)[: -len(PENDING)] for p in found if p.endswith(PENDING))
+    committed = [p for p in found if not p.endswith(PENDING)]
+    out_fs, _ = fsspec_fs(cfg.output.path, cfg.storage)
+    data = [f for f in output_files(cfg.output.path, cfg.storage) if not (pending and posixpath.basename(f).startswith(pending))]
+
+    checkpointed = _ids(ckpt_fs, committed, id_col)
+    written = _ids(out_fs, data, id_col)
+    for what, ids in (("checkpoint", checkpointed), ("output", written)):
+        if len(ids) and _kind(ids.type) != _kind(id_type):
+            raise JobError(
+                f"output.path: the existing {what} has {ids.type} ids but the input's are {id_type}; this output belongs "
+                "to another input. Use another output.path, or output.mode=overwrite"
+            )
+    repeated = len(written) - pc.count_distinct(written, mode="all").as_py() if len(written) else 0
+    if repeated:
+        raise JobError(
+            f"output.path: {repeated} rows of the existing output repeat an id (two runs wrote it at once?); "
+            "remove the repeated files, or rerun with output.mode=overwrite"
+        )
+    have, listed = set(written.to_pylist()), set(checkpointed.to_pylist())
+    if have == listed:
+        return None
+    note = (f"checkpoint rebuilt from the output: {len(listed - have)} checkpointed ids had no output row (they run "
+            f"again), {len(have - listed)} output rows were missing from the checkpoint (they do not)")
+    # Write the new list first, then drop the old: a stop in between leaves a superset, which the
+    # next start reconciles again.
+    ids = pa.table({id_col: pa.array(sorted(have), written.type if len(written) else id_type)})
+    ckpt_fs.makedirs(root, exist_ok=True)
+    with open_atomic(ckpt_fs, posixpath.join(root, f"reconciled-{uuid.uuid4().hex}.parquet")) as f:
+        pq.write_table(ids, f)
+    for p in committed:
+        ckpt_fs.rm(p)
+    logger.warning(note)
+    return note

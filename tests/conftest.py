@@ -17,6 +17,9 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without credentials botocore would ask the cloud metadata address for some: tests talk to
+# 127.0.0.1 only.
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 
@@ -160,6 +163,12 @@ def reference(ckpt: str, images: list[bytes], prompt: str | None = None, max_new
 
 
 _REF_MODELS: dict = {}
+
+
+def saved(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
 
 
 def pil_error(data: bytes) -> str:

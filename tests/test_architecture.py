@@ -99,7 +99,7 @@ LAYERS = {
     "pipeline.errors": 0,
     "pipeline.config": 1, "pipeline.families": 1,
     "pipeline.storage": 2, "pipeline.fetch": 2, "pipeline.tiny": 2, "pipeline.cluster": 2,
-    "pipeline.checkpoint": 3, "pipeline.images": 3, "pipeline.records": 3,
+    "pipeline.checkpoint": 3, "pipeline.images": 3, "pipeline.records": 3, "pipeline.lease": 3,
     "pipeline.vllm_inputs": 4, "pipeline.engines": 4,
     "pipeline.preprocess": 5, "pipeline.checks": 5,
     "pipeline.stages": 6, "pipeline.resume": 6,

@@ -13,14 +13,17 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from PIL import Image
 
 from pipeline.config import load_config
 from tests.conftest import (
     encode,
     photo,
+    pil_error,
     read_output,
     reference,
     resized,
+    saved,
     write_parquet,
 )
 from tests.image_server import ImageServer
@@ -135,11 +138,11 @@ def ask_streaming(client, messages, **kw) -> tuple[str, list]:
     return text, chunks
 
 
-def post(app: str, body, key: str | None = KEY, **kw) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    if isinstance(body, (bytes, str)):
-        return httpx.post(f"{app}/chat/completions", content=body, headers=headers, timeout=60, **kw)
-    return httpx.post(f"{app}/chat/completions", json=body, headers=headers, timeout=60, **kw)
+def post(app: str, body, key: str | None = KEY, headers: dict | None = None) -> httpx.Response:
+    """POST a body as a client would: JSON content type unless `headers` say otherwise."""
+    sent = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(f"{app}/chat/completions", content=content, headers=sent, timeout=60)
 
 
 def test_health_models_and_unknown_model(app, client):
@@ -314,6 +317,108 @@ def test_bad_requests_get_openai_errors_and_the_replica_keeps_serving(app, clien
     assert ask(client, [user(data_uri(ASTRONAUT), "Still there?")], max_tokens=2).choices[0].finish_reason == "length"
 
 
+def _raw(text_json: str) -> bytes:
+    """A JSON body written by hand (escapes and numbers json.dumps would never produce)."""
+    return ('{"model": "' + MODEL + '", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "'
+            + data_uri(ASTRONAUT) + '"}}, {"type": "text", "text": ' + text_json + '}]}]}').encode()
+
+
+def _json_error(body: bytes) -> str:
+    try:
+        json.loads(body)
+    except ValueError as e:
+        return f"request body is not valid JSON: {e}"
+    raise AssertionError("valid JSON")
+
+
+HUGE_INT = b'{"model": "M", "messages": [], "seed": ' + b"9" * 5000 + b"}"
+LAB = data_uri(saved(Image.new("LAB", (32, 32)), "TIFF"), "image/tiff")
+IMG = data_uri(ASTRONAUT)
+
+
+def with_image(text: str, **extra) -> dict:
+    return {"model": "M", "messages": [user(IMG, text)], **extra}
+
+
+# (body, extra headers, status, message, param, code, type): what a hostile or careless client sends.
+CORPUS = {
+    "placeholder": (with_image("Look: <image> here"), {}, 400, "prompt: the text must not contain the image placeholder '<image>'", "messages", None),
+    "placeholder-stream": (with_image("<image>", stream=True), {}, 400, "prompt: the text must not contain the image placeholder '<image>'", "messages", None),
+    "placeholder-system": ({"model": "M", "messages": [{"role": "system", "content": "Say <image>"}, user(IMG, "Hi")]}, {}, 400,
+                           "prompt: the text must not contain the image placeholder '<image>'", "messages", None),
+    "nested-arrays": (b"[" * 100_000 + b"]" * 100_000, {}, 400, "request body is not valid JSON: nested too deeply", None, "invalid_json"),
+    "huge-integer": (HUGE_INT, {}, 400, _json_error(HUGE_INT), None, "invalid_json"),
+    "text-plain": (json.dumps(with_image("Hi")).encode(), {"Content-Type": "text/plain"}, 415,
+                   "the body must be JSON (Content-Type: application/json), got 'text/plain'", None, "unsupported_media_type"),
+    "form-post": (b"model=M", {"Content-Type": "application/x-www-form-urlencoded"}, 415,
+                  "the body must be JSON (Content-Type: application/json), got 'application/x-www-form-urlencoded'", None, "unsupported_media_type"),
+    "max-tokens-huge": (with_image("Hi", max_tokens=10**9), {}, 422, "max_tokens: Input should be less than or equal to 8192", "max_tokens", "invalid_value"),
+    "max-completion-huge": (with_image("Hi", max_completion_tokens=10**9), {}, 422,
+                            "max_completion_tokens: Input should be less than or equal to 8192", "max_completion_tokens", "invalid_value"),
+    "min-over-max": (with_image("Hi", max_tokens=5, min_tokens=10), {}, 422, "min_tokens (10) must be <= max_tokens (5)", None, "invalid_value"),
+    "seed-huge": (with_image("Hi", seed=2**70), {}, 422, "seed: Input should be less than or equal to 9223372036854775807", "seed", "invalid_value"),
+    "seed-negative": (with_image("Hi", seed=-1), {}, 422, "seed: Input should be greater than or equal to 0", "seed", "invalid_value"),
+    "stop-empty": (with_image("Hi", stop=[""]), {}, 422, "stop: stop strings must not be empty", "stop", "invalid_value"),
+    "stop-five": (with_image("Hi", stop=["a", "b", "c", "d", "e"]), {}, 422, "stop: at most 4 stop sequences, got 5", "stop", "invalid_value"),
+    "prompt-1MB": (with_image("x" * 1_000_000), {}, 400, "prompt: 1000000 characters of text cannot fit the model's context of 4096 tokens",
+                     "messages", "context_length_exceeded"),
+    "lone-surrogate": (_raw('"\\ud800 hi"'), {}, 400, "prompt: the text holds an unpaired UTF-16 surrogate, which is not a character", "messages", None),
+    "image-url-string": ({"model": "M", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": IMG}]}]}, {}, 422,
+                         "messages.0.content.0.image_url.image_url: Input should be a valid dictionary or instance of ImageURL (+1 more)",
+                         "messages.0.content.0.image_url.image_url", "invalid_value"),
+    "image-url-no-url": ({"model": "M", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, {}, 422,
+                         "messages.0.content.0.image_url.image_url.url: Field required (+1 more)", "messages.0.content.0.image_url.image_url.url",
+                         "invalid_value"),
+    "part-video": ({"model": "M", "messages": [{"role": "user", "content": [{"type": "video"}]}]}, {}, 422,
+                   "messages.0.content.0: Input tag 'video' found using 'type' does not match any of the expected tags: 'text', 'image_url' (+1 more)",
+                   "messages.0.content.0", "invalid_value"),
+    "role-tool": ({"model": "M", "messages": [{"role": "tool", "content": "x"}]}, {}, 422,
+                  "messages.0.role: Input should be 'system', 'developer', 'user' or 'assistant'", "messages.0.role", "invalid_value"),
+    "content-number": ({"model": "M", "messages": [{"role": "user", "content": 5}]}, {}, 422,
+                       "messages.0.content: Input should be a valid string (+1 more)", "messages.0.content", "invalid_value"),
+    "messages-empty": ({"model": "M", "messages": []}, {}, 422, "messages: List should have at least 1 item after validation, not 0",
+                       "messages", "invalid_value"),
+    "model-missing": (json.dumps({"messages": [user(IMG, "Hi")]}).encode(), {}, 422, "model: Field required", "model", "invalid_value"),
+    "logit-bias": (with_image("Hi", logit_bias={"5": -100}), {}, 422, "logit_bias: logit_bias is not supported by this endpoint; leave it unset",
+                   "logit_bias", "invalid_value"),
+    "tool-choice-required": (with_image("Hi", tool_choice="required"), {}, 422,
+                             "tool_choice: 'required' needs tools, which this endpoint does not support; leave it unset or 'none'",
+                             "tool_choice", "invalid_value"),
+    "tools": (with_image("Hi", tools=[{"type": "function", "function": {"name": "f"}}]), {}, 422,
+              "tools: tools is not supported by this endpoint; leave it unset", "tools", "invalid_value"),
+    "json-mode": (with_image("Hi", response_format={"type": "json_object"}), {}, 422,
+                  "response_format: type 'json_object' is not supported by this endpoint; only 'text' (the default)", "response_format", "invalid_value"),
+    "presence-penalty": (with_image("Hi", presence_penalty=0.5), {}, 422,
+                         "presence_penalty: presence_penalty is not supported by this endpoint; leave it unset", "presence_penalty", "invalid_value"),
+    "ftp-image": ({"model": "M", "messages": [user("ftp://example.com/x.png", "Hi")]}, {}, 400,
+                  "image: only data: and http(s):// image URLs are accepted, got 'ftp://example.com/x.png'", "messages", "invalid_image"),
+    "data-not-base64": ({"model": "M", "messages": [user("data:image/png,raw", "Hi")]}, {}, 400,
+                        "image: data: URI must be base64-encoded (data:image/png;base64,...)", "messages", "invalid_image"),
+    "truncated-image": ({"model": "M", "messages": [user(data_uri(ASTRONAUT[:3000]), "Hi")]}, {}, 400,
+                        f"image: truncated or corrupt PNG data: {pil_error(ASTRONAUT[:3000])}", "messages", "invalid_image"),
+    "lab-image": ({"model": "M", "messages": [user(LAB, "Hi")]}, {}, 400,
+                  "image: mode LAB images are not supported; convert them to RGB (or 8/16-bit greyscale)", "messages", "invalid_image"),
+    "assistant-only": ({"model": "M", "messages": [{"role": "assistant", "content": "Hello"}]}, {}, 400,
+                       "image: the row has no image", "messages", "invalid_image"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORPUS))
+def test_hostile_requests_are_4xx_and_the_replica_keeps_serving(app, client, case):
+    body, headers, status, message, param, code = CORPUS[case]
+    r = post(app, {**body, "model": MODEL} if isinstance(body, dict) else body, headers=headers)
+    assert r.status_code == status, r.text[:300]
+    assert r.json() == {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+    assert ask(client, [user(IMG, "Still there?")], max_tokens=2).choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("extra", [{"response_format": {"type": "text"}}, {"logit_bias": {}}, {"tool_choice": "none"},
+                                   {"tool_choice": "auto"}, {"presence_penalty": 0, "frequency_penalty": 0}, {"logprobs": False}])
+def test_the_no_op_values_clients_send_by_default_are_accepted(app, extra):
+    r = post(app, {**with_image("Hi", max_tokens=2), "model": MODEL, **extra})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length", r.text[:300]
+
+
 def test_errors_surface_as_the_client_exceptions(client):
     with pytest.raises(openai.BadRequestError) as e:
         ask(client, [user("data:image/png;base64,AAAA", "Hi")])
@@ -383,14 +488,18 @@ def test_image_url_on_an_allowed_host_is_fetched(client, image_hosts):
 
 
 @pytest.fixture(scope="module")
-def tight_app(app, tiny_llava):
-    """A second app on the same Serve: one request in flight at the model and one queued."""
+def tight_app(app, tmp_path_factory):
+    """A second app on the same Serve: one request in flight at the model and one queued, on a
+    wider checkpoint whose long answers take seconds (a replica holds its slot while it
+    generates, not while a client reads: Serve does not hold a stream back for a slow reader)."""
     from ray import serve
 
     from deployments.app import build
+    from pipeline.tiny import build_tiny_checkpoint
 
+    slow = build_tiny_checkpoint(tmp_path_factory.mktemp("slow") / "ckpt", "llava", text_hidden=256, layers=4)
     cfg = load_config(SERVE_CONFIG, overrides={
-        "model.name": tiny_llava, "serve.served_model_name": MODEL, "serve.api_key": KEY,
+        "model.name": str(slow), "serve.served_model_name": MODEL, "serve.api_key": KEY,
         "serve.max_ongoing_requests": 1, "serve.max_queued_requests": 1, "serve.max_batch_size": 1,
     })
     serve.run(build(cfg), name="tight", route_prefix="/tight")
@@ -399,20 +508,22 @@ def tight_app(app, tiny_llava):
 
 
 def test_overload_is_a_503_in_openai_shape_and_service_resumes(tight_app):
-    """By construction: a long stream holds the one model slot, then two more long requests
-    arrive for the one queue place; exactly one of them is refused, whatever their order."""
+    """By construction: a long generation holds the one model slot (about 10 s here), then two
+    requests arrive for the one queue place; exactly one is refused, whatever their order."""
     messages = [user(data_uri(ASTRONAUT), "Describe it.")]
-    long = {"model": MODEL, "messages": messages, "max_tokens": 3400, "min_tokens": 3400}  # tens of seconds each
+    short = {"model": MODEL, "messages": messages, "max_tokens": 2}
 
     async def flood():
         async with httpx.AsyncClient(timeout=300, headers={"Authorization": f"Bearer {KEY}"}) as h:
-            async with h.stream("POST", f"{tight_app}/chat/completions", json={**long, "stream": True}) as running:
+            long = {**short, "max_tokens": 3400, "min_tokens": 3400, "stream": True}
+            async with h.stream("POST", f"{tight_app}/chat/completions", json=long) as running:
                 assert running.status_code == 200
-                await running.aiter_lines().__anext__()  # the model is generating it now
-                second = asyncio.create_task(h.post(f"{tight_app}/chat/completions", json=long))
+                lines = running.aiter_lines()  # kept: a dropped line iterator closes the response
+                await lines.__anext__()  # the model is generating it now
+                second = asyncio.create_task(h.post(f"{tight_app}/chat/completions", json=short))
                 await asyncio.sleep(3)  # order does not matter: one queue place, two requests
-                third = await h.post(f"{tight_app}/chat/completions", json={**long, "max_tokens": 2, "min_tokens": 0})
-                await running.aclose()  # the client leaves: the slot frees for the queued request
+                third = await h.post(f"{tight_app}/chat/completions", json=short)
+                await running.aclose()
             return [await second, third]
 
     responses = asyncio.run(flood())
@@ -425,8 +536,7 @@ def test_overload_is_a_503_in_openai_shape_and_service_resumes(tight_app):
         "param": None,
         "code": "overloaded",
     }
-    after = httpx.post(f"{tight_app}/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
-                       json={"model": MODEL, "messages": messages, "max_tokens": 2})
+    after = httpx.post(f"{tight_app}/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60, json=short)
     assert after.status_code == 200 and after.json()["choices"][0]["finish_reason"] == "length"
 
 

@@ -25,7 +25,15 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError, JobError
 from pipeline.job import run_job
 from pipeline.stages import GenerateStage, PreprocessStage
-from tests.conftest import encode, photo, pil_error, read_output, reference, resized
+from tests.conftest import (
+    encode,
+    photo,
+    pil_error,
+    read_output,
+    reference,
+    resized,
+    saved,
+)
 
 MAX_NEW = 6
 GOOD = resized("astronaut", 240, 320)
@@ -38,12 +46,6 @@ def _bomb(width: int, height: int) -> bytes:
     data[16:29] = ihdr
     data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
     return bytes(data)
-
-
-def _saved(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 def _bad_utf8_strings(values: list[str | bytes | None]) -> pa.Array:
@@ -69,7 +71,7 @@ def corpus(tmp_path) -> tuple[list[dict], dict[str, tuple[str, object]]]:
     truncated = encode(photo("coffee"), "JPEG")[:2000]
     rgb = Image.fromarray(photo("coffee")).resize((320, 240))
     grey = np.asarray(Image.fromarray(photo("camera")).resize((256, 256)))
-    f_tiff = _saved(Image.fromarray(grey.astype(np.float32) / 255.0, mode="F"), "TIFF")
+    f_tiff = saved(Image.fromarray(grey.astype(np.float32) / 255.0, mode="F"), "TIFF")
     gif_frames = [Image.fromarray(photo(n)).resize((64, 48)) for n in ("chelsea", "coffee")]
     gif = io.BytesIO()
     gif_frames[0].save(gif, "GIF", save_all=True, append_images=gif_frames[1:], duration=100, loop=0)
@@ -81,11 +83,11 @@ def corpus(tmp_path) -> tuple[list[dict], dict[str, tuple[str, object]]]:
         # images that decode and are answered
         "good": ({"image": GOOD}, ok([GOOD])),
         "good_path": ({"image_path": str(on_disk)}, ok([GOOD])),
-        "cmyk_jpeg": ({"image": _saved(rgb.convert("CMYK"), "JPEG")}, ok([_saved(rgb.convert("CMYK"), "JPEG")])),
+        "cmyk_jpeg": ({"image": saved(rgb.convert("CMYK"), "JPEG")}, ok([saved(rgb.convert("CMYK"), "JPEG")])),
         "png16": ({"image": encode(grey.astype(np.uint16) * 257)}, ok([encode(grey)])),  # scaled, as viewers show it
         "float_tiff": ({"image": f_tiff}, ok([encode(grey)])),  # mode F in 0..1: the same as its 8-bit picture
-        "palette_alpha": ({"image": _saved(rgb.convert("P", palette=Image.Palette.ADAPTIVE), "PNG", transparency=0)},
-                          ok([_saved(rgb.convert("P", palette=Image.Palette.ADAPTIVE), "PNG", transparency=0)])),
+        "palette_alpha": ({"image": saved(rgb.convert("P", palette=Image.Palette.ADAPTIVE), "PNG", transparency=0)},
+                          ok([saved(rgb.convert("P", palette=Image.Palette.ADAPTIVE), "PNG", transparency=0)])),
         "animated_gif": ({"image": gif.getvalue()}, ok([gif.getvalue()])),  # the first frame, as the processor takes it
         "one_pixel": ({"image": encode(np.full((1, 1, 3), 200, np.uint8))}, ok([encode(np.full((1, 1, 3), 200, np.uint8))])),
         "hf_image_bytes": ({"hf": {"bytes": GOOD, "path": "ignored.png"}}, ok([GOOD])),
@@ -103,8 +105,8 @@ def corpus(tmp_path) -> tuple[list[dict], dict[str, tuple[str, object]]]:
         "too_many_pixels": ({"image": encode(np.zeros((2100, 2000, 3), np.uint8))}, err("image: 2000x2100 exceeds limits.max_pixels=4000000")),
         "thin": ({"image": encode(np.zeros((20000, 1, 3), np.uint8))}, err("image: 1x20000 aspect ratio exceeds limits.max_aspect_ratio=50")),
         "too_many_bytes": ({"image": big}, err(f"image: {len(big)} bytes exceeds limits.max_image_bytes=1000000")),
-        "lab_tiff": ({"image": _saved(Image.new("LAB", (32, 32)), "TIFF")}, err("image: mode LAB images are not supported; convert them to RGB (or 8/16-bit greyscale)")),
-        "nan_tiff": ({"image": _saved(Image.fromarray(np.full((8, 8), np.nan, np.float32), mode="F"), "TIFF")}, err("image: mode F image holds NaN or infinite values")),
+        "lab_tiff": ({"image": saved(Image.new("LAB", (32, 32)), "TIFF")}, err("image: mode LAB images are not supported; convert them to RGB (or 8/16-bit greyscale)")),
+        "nan_tiff": ({"image": saved(Image.fromarray(np.full((8, 8), np.nan, np.float32), mode="F"), "TIFF")}, err("image: mode F image holds NaN or infinite values")),
         "missing_path": ({"image_path": str(tmp_path / "nope.jpg")}, err(f"image: not found: {tmp_path / 'nope.jpg'}")),
         "folder_path": ({"image_path": str(folder)}, err(f"image: {folder} is a folder, not a regular file")),
         "fifo_path": ({"image_path": str(fifo)}, err(f"image: {fifo} is a FIFO, not a regular file")),

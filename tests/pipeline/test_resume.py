@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
+from pipeline.errors import JobError
 from pipeline.job import run_job
 from pipeline.resume import checkpoint_path
 from tests.conftest import ROOT, cli, read_output, reference, resized, write_parquet
@@ -28,8 +29,8 @@ def _config(ckpt, tmp_path, n_rows, **resources):
         "model": {"name": ckpt},
         "generation": {"max_new_tokens": 24},
         "input": {"path": write_parquet(tmp_path / "in.parquet", rows)},
-        "output": {"path": str(tmp_path / "out")},
         "resources": {"rows_per_block": 4, "model_batch_size": 4, "preprocess_batch_size": 4, **resources},
+        "output": {"path": str(tmp_path / "out"), "lease_expiry_s": 5},
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -68,6 +69,9 @@ def test_stopped_job_resumes_where_it_stopped(ray_local, tiny_llava, tmp_path):
         time.sleep(0.1)
     _kill_tree(proc.pid)  # the driver and the whole Ray it started, at once, like a lost pod
     proc.wait()
+    with pytest.raises(JobError, match="another run is writing this output"):  # its lease is still live
+        run_job(cfg)
+    time.sleep(cfg.output.lease_expiry_s)  # then it expires, and the rerun takes it over
     done = _committed_ids(cfg)
     assert 8 <= len(done) < 48, "the stop should land mid-job"
     for f in Path(cfg.output.path).glob("*.parquet"):  # a stopped job leaves only readable files

@@ -150,3 +150,60 @@ def test_bad_input_corpus(ray_local, tiny_llava, s3_endpoint, tmp_path):
         "list the host in fetch.allowed_private_hosts to allow it"
     )
     assert summary.rows_failed == len(bad_bytes) + 3
+
+
+def _no_credentials(monkeypatch, tmp_path):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+
+
+def test_s3_outputs_that_cannot_work_are_one_line_before_ray(tiny_llava, s3_endpoint, tmp_path, monkeypatch):
+    from pipeline.errors import JobError
+
+    inp = write_parquet(tmp_path / "in.parquet", [{"id": 1, "image": resized("coffee", 64, 64)}])
+    with pytest.raises(JobError) as e:
+        run_job(_cfg(tiny_llava, inp, "s3://no-such-bucket/out/", storage=_storage(s3_endpoint)))
+    assert str(e.value) == "output.path: bucket 'no-such-bucket' does not exist (or these credentials cannot see it)"
+
+    _no_credentials(monkeypatch, tmp_path)
+    with pytest.raises(JobError) as e:
+        run_job(_cfg(tiny_llava, inp, f"s3://{BUCKET}/out-nocreds/", storage={"endpoint_url": s3_endpoint, "region": "us-east-1"}))
+    assert str(e.value) == f"output.path: cannot write to s3://{BUCKET}/out-nocreds/: NoCredentialsError: Unable to locate credentials"
+    assert KEY not in str(e.value) and SECRET not in str(e.value)
+
+
+def test_a_live_lease_on_s3_refuses_a_second_writer(tiny_llava, s3_endpoint, tmp_path):
+    import json
+    import time
+
+    from pipeline.errors import JobError
+
+    inp = write_parquet(tmp_path / "in.parquet", [{"id": 1, "image": resized("coffee", 64, 64)}])
+    _fs(s3_endpoint).pipe(f"{BUCKET}/leased.lease", json.dumps({"owner": "other-pod:7:beef", "heartbeat": time.time(), "expiry_s": 90}).encode())
+    cfg = _cfg(tiny_llava, inp, f"s3://{BUCKET}/leased", storage=_storage(s3_endpoint))
+    with pytest.raises(JobError) as e:
+        run_job(cfg)
+    assert str(e.value).startswith("output.path: another run is writing this output (other-pod:7:beef, heartbeat 0 s ago)")
+
+
+def test_s3_images_that_cannot_be_read_name_the_url(tiny_llava, s3_endpoint, tmp_path, monkeypatch):
+    """Through the CPU stage as a plain callable, in this process (its environment has no
+    credentials): the cause is an `image:` error naming the URL, never a catch-all."""
+    import pyarrow as pa
+
+    from pipeline.stages import PreprocessStage
+
+    def errors(storage):
+        cfg = {"model": {"name": tiny_llava}, "input": {"path": "unused"}, "storage": storage}
+        rows = pa.table({"id": [1, 2], "image_path": ["s3://no-such-bucket/x.jpg", f"s3://{BUCKET}/corpus/good1.img"]})
+        return PreprocessStage(cfg)(rows).column("error").to_pylist()
+
+    _fs(s3_endpoint).pipe(f"{BUCKET}/corpus/good1.img", resized("astronaut", 300, 300))
+    missing, ok = errors(_storage(s3_endpoint))
+    assert missing.startswith("image: cannot read s3://no-such-bucket/x.jpg: ") and ok is None
+    _no_credentials(monkeypatch, tmp_path)
+    a, b = errors({"endpoint_url": s3_endpoint, "region": "us-east-1"})
+    assert a == "image: cannot read s3://no-such-bucket/x.jpg: NoCredentialsError: Unable to locate credentials"
+    assert b == f"image: cannot read s3://{BUCKET}/corpus/good1.img: NoCredentialsError: Unable to locate credentials"

@@ -1,0 +1,105 @@
+"""Exactly once whatever the user does to a job: a second run on the same output, a crashed
+run's lease, output and checkpoint damaged by hand, a checkpoint of another input."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.config import load_config
+from pipeline.errors import JobError
+from pipeline.job import run_job
+from pipeline.lease import lease_path
+from pipeline.resume import checkpoint_path
+from tests.conftest import ROOT, read_output, resized, write_parquet
+
+pytestmark = pytest.mark.slow
+
+
+def _job(ckpt, tmp_path, n=6, ids=None, **output):
+    ids = ids or [f"r{i}" for i in range(n)]
+    rows = [{"id": i, "image": resized("coffee", 100 + k, 120), "prompt": f"Row {k}?"} for k, i in enumerate(ids)]
+    data = {
+        "model": {"name": ckpt}, "generation": {"max_new_tokens": 4},
+        "input": {"path": write_parquet(tmp_path / f"in-{type(ids[0]).__name__}.parquet", rows)},
+        "output": {"path": str(tmp_path / "out"), **output},
+        "resources": {"rows_per_block": 2, "model_batch_size": 2, "preprocess_batch_size": 2},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path, load_config(data)
+
+
+def _rows(cfg) -> int:
+    return pq.ParquetDataset(cfg.output.path).read().num_rows
+
+
+def test_a_second_run_on_the_same_output_refuses_and_the_first_finishes(ray_local, tiny_llava, tmp_path):
+    path, cfg = _job(tiny_llava, tmp_path, n=24)
+    first = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lease = Path(lease_path(cfg))
+    deadline = time.monotonic() + 120
+    while not lease.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lease.exists(), first.communicate()[1][-2000:]
+    second = subprocess.run([sys.executable, "-m", "pipeline", "run", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    holder = json.loads(lease.read_text())["owner"]
+    assert second.returncode == 1
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: output.path: another run is writing this output ({holder}, heartbeat "), lines
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    out = read_output(cfg.output.path)  # asserts every id once
+    assert len(out) == 24 and _rows(cfg) == 24
+    assert not lease.exists()  # released at the end
+
+
+@pytest.mark.parametrize("age, refused", [(5, True), (1000, False)])
+def test_a_live_lease_refuses_and_an_expired_one_is_taken_over(ray_local, tiny_llava, tmp_path, age, refused):
+    _, cfg = _job(tiny_llava, tmp_path)
+    Path(lease_path(cfg)).write_text(json.dumps({"owner": "crashed-host:123:abcd", "heartbeat": time.time() - age, "expiry_s": 90}))
+    if refused:
+        with pytest.raises(JobError) as e:
+            run_job(cfg)
+        assert str(e.value).startswith("output.path: another run is writing this output (crashed-host:123:abcd, heartbeat 5 s ago)")
+        assert not Path(cfg.output.path).exists() or _rows(cfg) == 0
+    else:
+        assert run_job(cfg).rows_ok == 6
+        assert not Path(lease_path(cfg)).exists()
+
+
+def test_hand_damaged_output_and_checkpoint_are_reconciled(ray_local, tiny_llava, tmp_path):
+    _, cfg = _job(tiny_llava, tmp_path)
+    assert run_job(cfg).rows_ok == 6
+    reference = read_output(cfg.output.path)
+
+    shutil.rmtree(checkpoint_path(cfg))  # checkpoint gone, output kept: nothing may run twice
+    again = run_job(cfg)
+    assert (again.rows_processed, again.rows_total) == (0, 6) and _rows(cfg) == 6
+
+    one = sorted(Path(cfg.output.path).glob("*.parquet"))[0]  # one data file gone: exactly its rows again
+    lost = set(pq.read_table(one).column("id").to_pylist())
+    one.unlink()
+    again = run_job(cfg)
+    assert again.rows_processed == len(lost) and _rows(cfg) == 6
+
+    shutil.rmtree(cfg.output.path)  # output gone, checkpoint kept: everything again
+    again = run_job(cfg)
+    assert (again.rows_processed, again.rows_total) == (6, 6)
+    assert {k: v["text"] for k, v in read_output(cfg.output.path).items()} == {k: v["text"] for k, v in reference.items()}
+
+
+def test_a_checkpoint_of_other_ids_is_one_line(ray_local, tiny_llava, tmp_path):
+    _, cfg = _job(tiny_llava, tmp_path)
+    run_job(cfg)
+    _, other = _job(tiny_llava, tmp_path, ids=[1, 2, 3])  # int ids on the output of string ids
+    with pytest.raises(JobError) as e:
+        run_job(other)
+    assert str(e.value) == ("output.path: the existing checkpoint has string ids but the input's are int64; this output "
+                            "belongs to another input. Use another output.path, or output.mode=overwrite")
