@@ -82,7 +82,11 @@ def request_bodies(model: str, n: int, max_tokens: int) -> list[dict]:
 def _baseline_main(cfg_data: dict, port: int, ready) -> None:
     """HTTPServer (not Threading): requests are read, preprocessed and generated strictly one by one."""
     from deployments.errors import to_api_error
-    from deployments.protocol import ChatCompletion, ChatCompletionRequest, completion_id
+    from deployments.protocol import (
+        ChatCompletion,
+        ChatCompletionRequest,
+        completion_id,
+    )
     from pipeline.checkpoint import Checkpoint
     from pipeline.engines import make_engine
     from pipeline.preprocess import Preprocessor
@@ -190,16 +194,36 @@ def run_serve(cfg: Config, levels: list[int], n: int, max_tokens: int) -> tuple[
 
     from deployments.app import serve_local
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
     try:
         base = serve_local(cfg, blocking=False)
         model = cfg.serve.served_model_name or cfg.model.name
         results = measure(f"{base}/chat/completions", model, levels, n, max_tokens, {})
-        batches = httpx.get(base.removesuffix("/v1") + "/metrics/batches").json()
-        return results, batches
+        time.sleep(3)  # two metrics export periods
+        return results, batch_sizes(f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def batch_sizes(url: str) -> dict[str, float]:
+    """The model replica's llava_ray_batch_size histogram, as Prometheus scrapes it."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(urllib.request.urlopen(url, timeout=10).read().decode()):
+        for sample in family.samples:
+            if sample.name.startswith("ray_llava_ray_batch_size"):
+                key = sample.name.removeprefix("ray_llava_ray_batch_size_") + (f"_le_{sample.labels['le']}" if "le" in sample.labels else "")
+                out[key] = out.get(key, 0.0) + sample.value
+    out["mean"] = round(out.get("sum", 0.0) / out["count"], 3) if out.get("count") else 0.0
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -235,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
         "serve_config": {k: getattr(cfg.serve, k) for k in ("num_replicas", "max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests")},
         "baseline": baseline,
         "serve": served,
-        "serve_batch_sizes": batches["batch_sizes"],
+        "serve_batch_sizes": batches,
         f"ratio_req_per_s_at_{top}": round(ratio, 2),
         "target": f">= {TARGET_RATIO}x at concurrency {top} with 0 errors",
         "target_met": ratio >= TARGET_RATIO and served[-1]["errors"] == 0,

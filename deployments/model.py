@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections import Counter
 from typing import Any, AsyncIterator, Callable, Iterator
 
 from ray import serve
@@ -20,6 +19,7 @@ from pipeline.checkpoint import Checkpoint
 from pipeline.config import Config, GenerationConfig, ServeConfig
 from pipeline.engines import make_engine
 from pipeline.engines.base import AsyncEngine
+from pipeline.metrics import BATCH_SIZE, metric
 from pipeline.records import PreparedRequest, Result
 
 logger = logging.getLogger(__name__)
@@ -72,11 +72,10 @@ async def _iterate_in_thread(make: Callable[[], Iterator[Any]]) -> AsyncIterator
 
 
 class LlavaModelServer:
-    """Holds the Engine; counts batch sizes so batching is observable (`batch_stats`)."""
+    """Holds the Engine; batch sizes are observable as the llava_ray_batch_size histogram."""
 
     def __init__(self, cfg: Config):
         self.engine = make_engine(cfg, Checkpoint.load(cfg.model))
-        self.batch_sizes: Counter[int] = Counter()
         self._generate_batch.set_max_batch_size(cfg.serve.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
         logger.info("model deployment ready: %s (%s)", self.engine.model_name, self.engine.backend)
@@ -89,7 +88,7 @@ class LlavaModelServer:
 
     @serve.batch(max_batch_size=_DEFAULT_BATCH, batch_wait_timeout_s=_DEFAULT_WAIT)
     async def _generate_batch(self, items: list[tuple[PreparedRequest, GenerationConfig]]) -> list[Result]:
-        self.batch_sizes[len(items)] += 1
+        metric(BATCH_SIZE).observe(len(items))
         groups: dict[str, list[int]] = {}
         for i, (_, sampling) in enumerate(items):
             groups.setdefault(_group_key(i, sampling), []).append(i)
@@ -109,11 +108,3 @@ class LlavaModelServer:
         else:
             async for item in _iterate_in_thread(lambda: self.engine.stream(request, sampling)):
                 yield item
-
-    async def batch_stats(self) -> dict[str, Any]:
-        """{"batch_sizes": {size: batches}, "requests": n} for this replica since it started."""
-        return {
-            "backend": self.engine.backend,
-            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-            "requests": sum(k * v for k, v in self.batch_sizes.items()),
-        }

@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
@@ -21,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import Config
+from pipeline.metrics import REQUEST_SECONDS, REQUESTS, TIME_PER_OUTPUT_TOKEN, TIME_TO_FIRST_TOKEN, metric
 from pipeline.preprocess import Preprocessor
 from pipeline.records import PreparedRequest, Result
 
@@ -58,7 +60,26 @@ async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield item
 
 
-async def sse_events(request_id: str, model: str, first, deltas, include_usage: bool) -> AsyncIterator[str]:
+class Timing:
+    """One request's latencies, recorded as the endpoint's histograms (pipeline/metrics.py)."""
+
+    def __init__(self):
+        self.start, self.first = time.monotonic(), None
+
+    def first_text(self) -> None:
+        if self.first is None:
+            self.first = time.monotonic()
+            metric(TIME_TO_FIRST_TOKEN).observe(self.first - self.start)
+
+    def done(self, completion_tokens: int = 0) -> None:
+        end = time.monotonic()
+        metric(REQUEST_SECONDS).observe(end - self.start)
+        if self.first is not None and completion_tokens > 1:
+            metric(TIME_PER_OUTPUT_TOKEN).observe((end - self.first) / (completion_tokens - 1))
+
+
+async def sse_events(request_id: str, model: str, first, deltas, include_usage: bool,
+                     timing: Timing | None = None) -> AsyncIterator[str]:
     """OpenAI's chunk sequence from the model's stream (`first`, then `deltas`: text deltas, then
     the request's Result): role, content deltas, finish_reason, [usage], [DONE]. Once headers are
     sent a failure can only travel as an error event, followed by [DONE]."""
@@ -67,12 +88,15 @@ async def sse_events(request_id: str, model: str, first, deltas, include_usage: 
         choice = ChunkChoice(delta=delta, finish_reason=finish_reason)
         return _sse(ChatCompletionChunk(id=request_id, model=model, choices=[choice]).model_dump())
 
+    result = None
     try:
         yield chunk(Delta(role="assistant", content=""))
         async for item in _chain(first, deltas):
             if isinstance(item, Result):
                 result = item
             elif item:
+                if timing:
+                    timing.first_text()
                 yield chunk(Delta(content=item))
         if result.error:
             raise APIError(500, result.error, type="server_error")
@@ -84,6 +108,8 @@ async def sse_events(request_id: str, model: str, first, deltas, include_usage: 
         yield _sse(to_api_error(e).body())
     finally:
         deltas.cancel()
+        if timing:
+            timing.done(result.completion_tokens if result else 0)
     yield _sse("[DONE]")
 
 
@@ -115,6 +141,16 @@ class LlavaIngressServer:
         except Exception as e:
             return to_api_error(e).response()
 
+    async def answer_chat(self, request: Request) -> Response:
+        """`answer` for chat completions, counted by status and streaming, with its latencies."""
+        timing = Timing()
+        response = await self.answer(request, self.chat, request, timing)
+        stream = isinstance(response, StreamingResponse)
+        metric(REQUESTS).inc(tags={"status": str(response.status_code), "stream": str(stream).lower()})
+        if not stream:  # a stream records its own when its last event is sent
+            timing.done()
+        return response
+
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
             return
@@ -133,9 +169,6 @@ class LlavaIngressServer:
     async def model_card(self, model_id: str) -> Response:
         self._check_model(model_id)
         return JSONResponse(ModelCard(id=self.served_name).model_dump())
-
-    async def batch_stats(self) -> Response:
-        return JSONResponse(await self.model.batch_stats.remote())
 
     def _check_model(self, name: str) -> None:
         if name != self.served_name:
@@ -170,7 +203,7 @@ class LlavaIngressServer:
         except ValueError as e:  # e.g. an integer of thousands of digits
             raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
 
-    async def chat(self, request: Request) -> Response:
+    async def chat(self, request: Request, timing: Timing) -> Response:
         req = ChatCompletionRequest.model_validate(await self._read_json(request))
         self._check_model(req.model)
         sampling = req.to_generation(self.cfg.generation)
@@ -181,18 +214,18 @@ class LlavaIngressServer:
         )
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream(request_id, prepared, sampling, include_usage)
+            return await self._stream(request_id, prepared, sampling, include_usage, timing)
         result: Result = await self.model.generate.remote(prepared, sampling)
         if result.error:
             raise APIError(500, result.error, type="server_error")
         return JSONResponse(ChatCompletion.of(request_id, self.served_name, result).model_dump())
 
-    async def _stream(self, request_id: str, prepared: PreparedRequest, sampling, include_usage: bool) -> Response:
+    async def _stream(self, request_id: str, prepared: PreparedRequest, sampling, include_usage: bool, timing: Timing) -> Response:
         deltas = self.model.options(stream=True).stream.remote(prepared, sampling)
         # Pull the first item before answering 200, so an overloaded model is a 503, not a broken stream.
         first = await deltas.__anext__()
         return StreamingResponse(
-            sse_events(request_id, self.served_name, first, deltas, include_usage),
+            sse_events(request_id, self.served_name, first, deltas, include_usage, timing),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -216,12 +249,6 @@ async def get_model(model_id: str, request: Request, server: LlavaIngressServer 
     return await server.answer(request, server.model_card, model_id)
 
 
-@api.get("/metrics/batches")
-async def batches(request: Request, server: LlavaIngressServer = Depends(_server)) -> Response:
-    """Batch sizes seen by the model replica that answers (with one replica: all of them)."""
-    return await server.answer(request, server.batch_stats)
-
-
 @api.post("/v1/chat/completions")
 async def chat_completions(request: Request, server: LlavaIngressServer = Depends(_server)) -> Response:
-    return await server.answer(request, server.chat, request)
+    return await server.answer_chat(request)

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from .config import Config, load_config
-from .errors import ConfigError, JobError
+from .errors import ERROR_KINDS, ConfigError, JobError
 
 EXIT_CONFIG = 2
 
@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
         return sp
 
     run = with_config("run", "run an offline job")
-    run.add_argument("--retry-failed", action="store_true", help="re-run rows whose output has an error")
+    run.add_argument("--retry-failed", nargs="?", const="all", metavar="KINDS",
+                     help=f"re-run rows whose output has an error; or only these error kinds, e.g. fetch,engine ({', '.join(ERROR_KINDS)})")
     with_config("serve", "serve the OpenAI-compatible endpoint on local Ray")
     with_config("check-config", "validate a config (and this machine) without running")
     demo = sub.add_parser("demo", help="tiny model + real photos, end to end on local Ray")
@@ -44,6 +45,8 @@ def print_summary(summary) -> None:
         + (f", dropped duplicates {s.dropped_duplicates}" if s.dropped_duplicates else "")
         + ")"
     )
+    if s.failed_by_kind:
+        print("failures by kind: " + ", ".join(f"{k} {n}" for k, n in s.failed_by_kind.items()))
     print(f"{s.records_per_s:.2f} rec/s, {s.tokens_per_s:.1f} generated tokens/s in {s.seconds:.1f} s")
     if s.backend:
         print(f"model: {s.model}  backend: {s.backend}")
@@ -65,8 +68,18 @@ def _run(args) -> int:
     from .job import run_job
 
     cfg = load_config(args.config, args.set)
-    print_summary(run_job(cfg, retry_failed=args.retry_failed))
+    print_summary(run_job(cfg, retry_failed=_kinds(args.retry_failed)))
     return 0
+
+
+def _kinds(value: str | None) -> bool | list[str]:
+    if value is None or value == "all":
+        return value == "all"
+    kinds = [k.strip() for k in value.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in ERROR_KINDS]
+    if unknown or not kinds:
+        raise ConfigError("--retry-failed", f"unknown error kinds {unknown}; use some of {', '.join(ERROR_KINDS)}")
+    return kinds
 
 
 def _demo(args) -> int:
@@ -111,6 +124,7 @@ COMMANDS = {"run": _run, "serve": _serve, "demo": _demo, "tiny-model": _tiny, "c
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline.progress").setLevel(logging.INFO)  # progress lines show without -v (and without a TTY)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as e:

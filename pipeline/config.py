@@ -168,6 +168,15 @@ class VLLMConfig(_Strict):
     batches_in_flight: int = Field(default=2, ge=1)
 
 
+class ObservabilityConfig(_Strict):
+    """What a running job or endpoint shows (README, "Observe a job")."""
+
+    # An embedded Ray exports Prometheus metrics at http://127.0.0.1:PORT/metrics; on a cluster
+    # (RAY_ADDRESS set) Ray's own export applies and this is ignored.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    progress_interval_s: float = Field(default=30.0, gt=0)
+
+
 class AutoscalingConfig(_Strict):
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=1, ge=1)
@@ -229,6 +238,7 @@ class Config(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
 
     @model_validator(mode="after")
     def _combinations(self) -> "Config":

@@ -31,10 +31,16 @@ class JobError(LlavaRayError):
     any work."""
 
 
+# The `error_kind` of a failed output row, one per cause a user acts on differently.
+ERROR_KINDS = ("input", "fetch", "decode", "limits", "prompt", "messages", "engine")
+
+
 class RowError(LlavaRayError):
-    """One row's (or one request's) own fault. str() is the row's `error`: `<stage>: <cause>`."""
+    """One row's (or one request's) own fault. str() is the row's `error`: `<stage>: <cause>`;
+    `kind` is its `error_kind` (ERROR_KINDS)."""
 
     stage = "input"
+    kind = "input"
 
     def __init__(self, message: str):
         super().__init__(f"{self.stage}: {message}")
@@ -43,35 +49,51 @@ class RowError(LlavaRayError):
 class InputError(RowError):
     """A column value of the wrong type or shape."""
 
-    stage = "input"
-
 
 class ImageError(RowError):
-    """An image that cannot be read, decoded, or used within the limits."""
+    """Bytes that are not a usable image (empty, corrupt, an unsupported mode)."""
 
     stage = "image"
+    kind = "decode"
+
+
+class FetchError(ImageError):
+    """An image that could not be read: missing, not a regular file, refused URL, HTTP error, timeout."""
+
+    kind = "fetch"
+
+
+class LimitsError(ImageError):
+    """An image over a configured limit: bytes, pixels, aspect ratio, images per row."""
+
+    kind = "limits"
 
 
 class MessagesError(RowError):
     """A conversation that is not a valid list of turns, or that the chat template refuses."""
 
     stage = "messages"
+    kind = "messages"
 
 
 class PromptError(RowError):
     """A prompt the model cannot take as given (e.g. it holds the image placeholder itself)."""
 
     stage = "prompt"
+    kind = "prompt"
 
 
 class PromptTooLong(PromptError):
     """Prompt tokens (+ max_new_tokens) over the model's context or limits.max_prompt_tokens."""
+
+    kind = "limits"
 
 
 class EngineError(RowError):
     """The engine failed on this row alone (after the batch was retried row by row)."""
 
     stage = "engine"
+    kind = "engine"
 
     @classmethod
     def wrap(cls, error: BaseException) -> "EngineError":

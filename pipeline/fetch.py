@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, urljoin, urlsplit
 
 from .config import FetchConfig
-from .errors import ImageError
+from .errors import FetchError, LimitsError
 
 logger = logging.getLogger(__name__)
 
@@ -106,36 +106,36 @@ def _resolve(host: str, port: int) -> tuple[str, ...]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError) as e:
-        raise ImageError(f"cannot resolve host {host!r}: {e}") from None
+        raise FetchError(f"cannot resolve host {host!r}: {e}") from None
     # sockaddr[0] of IPv6 may carry a %scope; dict keeps the resolver's order without duplicates.
     return tuple(dict.fromkeys(info[4][0].split("%", 1)[0] for info in infos))
 
 
 def check_url(url: str, fetch: FetchConfig) -> Target:
-    """Validate one hop; raise ImageError naming the rule that refuses it."""
+    """Validate one hop; raise FetchError naming the rule that refuses it."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
-        raise ImageError(f"refused {scheme or 'scheme-less'} URL {_short(url)!r}: only http(s) images are fetched")
+        raise FetchError(f"refused {scheme or 'scheme-less'} URL {_short(url)!r}: only http(s) images are fetched")
     if not fetch.allow_http:
-        raise ImageError("http(s) image URLs are disabled; set fetch.allow_http=true to fetch them")
+        raise FetchError("http(s) image URLs are disabled; set fetch.allow_http=true to fetch them")
     if parts.username is not None or parts.password is not None:
-        raise ImageError(f"refused URL with credentials in it: {scheme}://...@{parts.hostname}")
+        raise FetchError(f"refused URL with credentials in it: {scheme}://...@{parts.hostname}")
     host = (parts.hostname or "").rstrip(".")
     if not host:
-        raise ImageError(f"no host in URL {_short(url)!r}")
+        raise FetchError(f"no host in URL {_short(url)!r}")
     try:
         port = parts.port or (443 if scheme == "https" else 80)
     except ValueError:
-        raise ImageError(f"bad port in URL {_short(url)!r}") from None
+        raise FetchError(f"bad port in URL {_short(url)!r}") from None
     if fetch.allowed_domains and not _domain_allowed(host, fetch.allowed_domains):
-        raise ImageError(f"host {host!r} is not in fetch.allowed_domains {fetch.allowed_domains}")
+        raise FetchError(f"host {host!r} is not in fetch.allowed_domains {fetch.allowed_domains}")
     addresses = _resolve(host, port)
     for address in addresses:
         reason = blocked_reason(ipaddress.ip_address(address))
         if reason and not _private_allowed(host, ipaddress.ip_address(address), fetch.allowed_private_hosts):
             logger.warning("refused to fetch %s: %s resolves to %s (%s)", _short(url), host, address, reason)
-            raise ImageError(
+            raise FetchError(
                 f"refused {host} ({address}): {reason} addresses are not fetched; "
                 f"list the host in fetch.allowed_private_hosts to allow it"
             )
@@ -168,7 +168,7 @@ def _connect(target: Target, timeout: float) -> http.client.HTTPConnection:
             conn.connect()
             return conn
         except ssl.SSLCertVerificationError as e:
-            raise ImageError(f"TLS certificate of {target.host} did not verify: {e.verify_message}") from None
+            raise FetchError(f"TLS certificate of {target.host} did not verify: {e.verify_message}") from None
         except TimeoutError:  # the deadline is spent: no next address, no retry
             raise
         except OSError as e:
@@ -194,15 +194,15 @@ def _get(target: Target, deadline: float, max_bytes: int) -> tuple[bytes | None,
         if resp.status in _REDIRECT_STATUSES:
             location = resp.getheader("Location")
             if not location:
-                raise ImageError(f"HTTP {resp.status} redirect without a Location from {_short(target.url)}")
+                raise FetchError(f"HTTP {resp.status} redirect without a Location from {_short(target.url)}")
             return None, location
         if resp.status in _TRANSIENT_STATUSES:
             raise _Transient(f"HTTP {resp.status} from {_short(target.url)}")
         if resp.status != 200:
-            raise ImageError(f"HTTP {resp.status} from {_short(target.url)}")
+            raise FetchError(f"HTTP {resp.status} from {_short(target.url)}")
         declared = resp.getheader("Content-Length")
         if declared and declared.isdigit() and int(declared) > max_bytes:
-            raise ImageError(f"{_short(target.url)} is {declared} bytes, over limits.max_image_bytes={max_bytes}")
+            raise LimitsError(f"{_short(target.url)} is {declared} bytes, over limits.max_image_bytes={max_bytes}")
         chunks, total = [], 0
         while True:
             remaining = deadline - time.monotonic()
@@ -216,7 +216,7 @@ def _get(target: Target, deadline: float, max_bytes: int) -> tuple[bytes | None,
                 return b"".join(chunks), None
             total += len(chunk)
             if total > max_bytes:
-                raise ImageError(f"{_short(target.url)} is larger than limits.max_image_bytes={max_bytes}")
+                raise LimitsError(f"{_short(target.url)} is larger than limits.max_image_bytes={max_bytes}")
             chunks.append(chunk)
     except TimeoutError:
         raise
@@ -243,15 +243,15 @@ def _fetch_once(url: str, fetch: FetchConfig, max_bytes: int) -> bytes:
         try:
             body, location = _get(target, deadline, max_bytes)
         except TimeoutError:
-            raise ImageError(f"timed out after fetch.timeout_s={fetch.timeout_s:g}s fetching {_short(url)}") from None
+            raise FetchError(f"timed out after fetch.timeout_s={fetch.timeout_s:g}s fetching {_short(url)}") from None
         if body is not None:
             return body
         url = urljoin(url, location)
-    raise ImageError(f"more than fetch.max_redirects={fetch.max_redirects} redirects, last to {_short(url)}")
+    raise FetchError(f"more than fetch.max_redirects={fetch.max_redirects} redirects, last to {_short(url)}")
 
 
 def fetch_url(url: str, fetch: FetchConfig, max_bytes: int) -> bytes:
-    """The body of an http(s) image URL, at most `max_bytes`; ImageError names why it was refused.
+    """The body of an http(s) image URL, at most `max_bytes`; FetchError names why it was refused.
 
     Connection failures and 429/5xx answers are retried `fetch.retries` times with backoff;
     refusals, 4xx and timeouts are not (a timeout already spent the request's budget).
@@ -262,7 +262,7 @@ def fetch_url(url: str, fetch: FetchConfig, max_bytes: int) -> bytes:
             return _fetch_once(url, fetch, max_bytes)
         except _Transient as e:
             if attempt == fetch.retries:
-                raise ImageError(f"{e} (after {attempt + 1} attempts)") from None
+                raise FetchError(f"{e} (after {attempt + 1} attempts)") from None
             logger.info("retrying %s after: %s", _short(url), e)
             time.sleep(min(0.2 * 2**attempt, 2.0))
             attempt += 1

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import FetchConfig, LimitsConfig, StorageConfig
-from .errors import ImageError
+from .errors import FetchError, ImageError, LimitsError
 from .fetch import fetch_url
 from .storage import storage_options
 
@@ -29,7 +29,7 @@ Image.MAX_IMAGE_PIXELS = None
 def _read_capped(f, max_bytes: int, what: str) -> bytes:
     data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise ImageError(f"{what} is larger than limits.max_image_bytes={max_bytes}")
+        raise LimitsError(f"{what} is larger than limits.max_image_bytes={max_bytes}")
     return data
 
 
@@ -49,7 +49,7 @@ def load_bytes(
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if len(data) > limits.max_image_bytes:
-            raise ImageError(f"{len(data)} bytes exceeds limits.max_image_bytes={limits.max_image_bytes}")
+            raise LimitsError(f"{len(data)} bytes exceeds limits.max_image_bytes={limits.max_image_bytes}")
         return data
     if not isinstance(source, str) or not source:
         raise ImageError(f"no image: expected bytes or a path/URL, got {type(source).__name__}")
@@ -59,7 +59,7 @@ def load_bytes(
     if scheme in ("http", "https"):
         return fetch_url(source, fetch, limits.max_image_bytes)
     if not local_ok:
-        raise ImageError(f"only data: and http(s):// image URLs are accepted, got {source[:80]!r}")
+        raise FetchError(f"only data: and http(s):// image URLs are accepted, got {source[:80]!r}")
     if scheme == "":
         _check_regular_file(source)
     if scheme in ("s3", "s3a", "gs", "gcs", "az", "abfs") or scheme == "":
@@ -72,11 +72,11 @@ def load_bytes(
         except ImageError:
             raise
         except FileNotFoundError:
-            raise ImageError(f"not found: {source}") from None
+            raise FetchError(f"not found: {source}") from None
         except Exception as e:  # permissions, a missing bucket, no credentials, a timeout...
             reason = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
-            raise ImageError(f"cannot read {source}: {type(e).__name__}: {reason}") from None
-    raise ImageError(f"unsupported URL scheme {scheme!r} in {source[:80]!r}; use a path, s3://, http(s):// or data:")
+            raise FetchError(f"cannot read {source}: {type(e).__name__}: {reason}") from None
+    raise FetchError(f"unsupported URL scheme {scheme!r} in {source[:80]!r}; use a path, s3://, http(s):// or data:")
 
 
 def _check_regular_file(path: str) -> None:
@@ -84,12 +84,12 @@ def _check_regular_file(path: str) -> None:
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise ImageError(f"not found: {path}") from None
+        raise FetchError(f"not found: {path}") from None
     except OSError as e:
-        raise ImageError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        raise FetchError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     if not stat.S_ISREG(mode):
         kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
-        raise ImageError(f"{path} is {kind}, not a regular file")
+        raise FetchError(f"{path} is {kind}, not a regular file")
 
 
 def _decode_data_uri(uri: str, limits: LimitsConfig) -> bytes:
@@ -98,7 +98,7 @@ def _decode_data_uri(uri: str, limits: LimitsConfig) -> bytes:
         raise ImageError("data: URI must be base64-encoded (data:image/png;base64,...)")
     # base64 is 4/3 of the raw size: refuse before decoding anything oversized.
     if len(payload) * 3 // 4 > limits.max_image_bytes:
-        raise ImageError(f"data: URI exceeds limits.max_image_bytes={limits.max_image_bytes}")
+        raise LimitsError(f"data: URI exceeds limits.max_image_bytes={limits.max_image_bytes}")
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -119,9 +119,9 @@ def decode_image(data: bytes, limits: LimitsConfig) -> Image.Image:
     if w < 1 or h < 1:
         raise ImageError(f"{w}x{h} has no pixels")
     if w * h > limits.max_pixels:
-        raise ImageError(f"{w}x{h} exceeds limits.max_pixels={limits.max_pixels}")
+        raise LimitsError(f"{w}x{h} exceeds limits.max_pixels={limits.max_pixels}")
     if max(w, h) / min(w, h) > limits.max_aspect_ratio:
-        raise ImageError(f"{w}x{h} aspect ratio exceeds limits.max_aspect_ratio={limits.max_aspect_ratio:g}")
+        raise LimitsError(f"{w}x{h} aspect ratio exceeds limits.max_aspect_ratio={limits.max_aspect_ratio:g}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette-with-transparency etc. are handled below

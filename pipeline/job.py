@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 
 import pyarrow.compute as pc
 from pydantic import BaseModel
 
+from . import manifest
+from .checkpoint import Checkpoint
 from .checks import check_environment
-from .cluster import init_ray
+from .cluster import METRICS_REPORT_S, init_ray
 from .config import Config
 from .errors import JobError
 from .stages import (
@@ -23,6 +26,7 @@ from .stages import (
 from .inputs import InputPlan, inspect_input
 from .lease import Lease
 from .outputs import check_no_overlap, check_writable
+from .progress import Progress, Reporter, Tally, tally
 from .resume import checkpoint_path, drop_failed_rows, reconcile
 from .storage import arrow_fs, input_files, output_files, output_rows, remove_tree
 
@@ -34,6 +38,7 @@ class JobSummary(BaseModel):
     rows_total: int  # rows in the output (all runs)
     rows_ok: int
     rows_failed: int
+    failed_by_kind: dict[str, int] = {}  # all runs, by pipeline.errors.ERROR_KINDS
     rows_processed: int  # by this run
     seconds: float
     records_per_s: float
@@ -42,6 +47,7 @@ class JobSummary(BaseModel):
     dropped_duplicates: int = 0
     model: str | None = None  # as the output rows record it
     backend: str | None = None  # transformers/<dtype>/<attention>[/bnb-...] or vllm/<dtype>
+    manifest: str | None = None  # where this run's entry was appended
 
 
 def build_dataset(cfg: Config, columns: list[str], files: list[str], fs, repeated: list):
@@ -56,21 +62,22 @@ def build_dataset(cfg: Config, columns: list[str], files: list[str], fs, repeate
     return ds.map_batches(generate_stage(cfg), **generate_kwargs(cfg))
 
 
-def run_job(cfg: Config, *, retry_failed: bool = False) -> JobSummary:
+def run_job(cfg: Config, *, retry_failed: bool | list[str] = False) -> JobSummary:
     """Check everything that can be known before Ray starts (one-line errors), take the output's
-    lease, then run. ARCHITECTURE.md, "Resume", says what a rerun does."""
+    lease, then run. `retry_failed`: rerun failed rows first (True: all; a list: those error
+    kinds). ARCHITECTURE.md, "Job start, resume and the one writer", says what a rerun does."""
     if cfg.input is None or cfg.output is None:
         raise JobError("a job needs `input` and `output` sections (input.path, output.path)")
-    check_environment(cfg)
+    checkpoint = check_environment(cfg)
     fs, files = input_files(cfg.input.path, cfg.storage)
     check_no_overlap(cfg, files)  # before anything is read, written or deleted (output.mode: overwrite)
     plan = inspect_input(cfg, fs, files)
     check_writable(cfg)
     with Lease(cfg):
-        return _run(cfg, plan, retry_failed)
+        return _run(cfg, plan, checkpoint, retry_failed)
 
 
-def _run(cfg: Config, plan: InputPlan, retry_failed: bool) -> JobSummary:
+def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: bool | list[str]) -> JobSummary:
     from ray.data import DataContext
     from ray.data.checkpoint import CheckpointConfig
 
@@ -79,9 +86,9 @@ def _run(cfg: Config, plan: InputPlan, retry_failed: bool) -> JobSummary:
         remove_tree(checkpoint_path(cfg), cfg.storage)
     else:
         if retry_failed:
-            drop_failed_rows(cfg)
+            drop_failed_rows(cfg, None if retry_failed is True else list(retry_failed))
         reconcile(cfg, plan.id_type)
-    files_before = set(output_files(cfg.output.path, cfg.storage))
+    before = tally(cfg, output_files(cfg.output.path, cfg.storage))
 
     init_ray(cfg)
     ctx = DataContext.get_current()
@@ -93,35 +100,48 @@ def _run(cfg: Config, plan: InputPlan, retry_failed: bool) -> JobSummary:
         delete_checkpoint_on_success=False,  # a finished job re-run must process nothing
     )
     out_fs, out_path = arrow_fs(cfg.output.path, cfg.storage)
-    start = time.perf_counter()
+    progress = Progress(cfg, before, total=plan.rows - plan.dropped_duplicates)
+    started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     try:
-        build_dataset(cfg, plan.columns, plan.files, plan.fs, plan.repeated_ids).write_parquet(out_path, filesystem=out_fs)
+        with Reporter(progress, cfg.observability.progress_interval_s):
+            build_dataset(cfg, plan.columns, plan.files, plan.fs, plan.repeated_ids).write_parquet(out_path, filesystem=out_fs)
     finally:
         ctx.checkpoint_config = None
     seconds = time.perf_counter() - start
-    return summarize(cfg, files_before, seconds, plan.dropped_duplicates)
+    summary = summarize(cfg, before, progress.run, seconds, plan.dropped_duplicates)
+    record = manifest.entry(cfg, checkpoint, started, seconds, _merged(before, progress.run), progress.run, summary.backend)
+    summary.manifest = manifest.append(cfg, record)
+    if cfg.observability.metrics_port:  # one more export, so a scrape sees the final counts
+        time.sleep(2 * METRICS_REPORT_S)
+    return summary
 
 
-def summarize(cfg: Config, files_before: set[str], seconds: float, dropped: int) -> JobSummary:
+def _merged(a: Tally, b: Tally) -> Tally:
+    whole = Tally(files=a.files + b.files)
+    whole.rows, whole.failed = a.rows + b.rows, a.failed + b.failed
+    whole.by_kind = a.by_kind + b.by_kind
+    whole.prompt_tokens, whole.image_tokens = a.prompt_tokens + b.prompt_tokens, a.image_tokens + b.image_tokens
+    whole.generated_tokens = a.generated_tokens + b.generated_tokens
+    return whole
+
+
+def summarize(cfg: Config, before: Tally, run: Tally, seconds: float, dropped: int) -> JobSummary:
     """Totals over the whole output; rates over the files this run wrote (a resumed run's
     earlier files are not its work)."""
-    table = output_rows(cfg.output.path, cfg.storage, ["error"])
-    total = table.num_rows
-    failed = total - (pc.sum(pc.is_null(table.column("error")).cast("int64")).as_py() or 0)
-    new_files = [f for f in output_files(cfg.output.path, cfg.storage) if f not in files_before]
-    new = output_rows(cfg.output.path, cfg.storage, ["completion_tokens", "model", "backend"], new_files)
-    tokens = int(pc.sum(new.column("completion_tokens")).as_py() or 0)
-    ran = new.filter(pc.is_valid(new.column("backend"))).slice(0, 1).to_pylist()
+    whole = _merged(before, run)
+    labels = output_rows(cfg.output.path, cfg.storage, ["model", "backend"], run.files)
+    ran = labels.filter(pc.is_valid(labels.column("backend"))).slice(0, 1).to_pylist()
     return JobSummary(
         output_path=cfg.output.path,
-        rows_total=total,
-        rows_ok=total - failed,
-        rows_failed=failed,
-        rows_processed=new.num_rows,
+        rows_total=whole.rows,
+        rows_ok=whole.ok,
+        rows_failed=whole.failed,
+        failed_by_kind=dict(sorted(whole.by_kind.items())),
+        rows_processed=run.rows,
         seconds=round(seconds, 3),
-        records_per_s=round(new.num_rows / seconds, 3) if seconds else 0.0,
-        generated_tokens=tokens,
-        tokens_per_s=round(tokens / seconds, 3) if seconds else 0.0,
+        records_per_s=round(run.rows / seconds, 3) if seconds else 0.0,
+        generated_tokens=run.generated_tokens,
+        tokens_per_s=round(run.generated_tokens / seconds, 3) if seconds else 0.0,
         dropped_duplicates=dropped,
         model=ran[0]["model"] if ran else None,
         backend=ran[0]["backend"] if ran else None,

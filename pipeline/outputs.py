@@ -66,8 +66,10 @@ def check_writable(cfg: Config) -> None:
         fs, path = fsspec_fs(url, cfg.storage)
         if location(url)[0] == "s3":
             bucket = path.split("/", 1)[0]
-            if not fs.exists(bucket):
-                raise JobError(f"output.path: bucket {bucket!r} does not exist (or these credentials cannot see it)")
+            try:
+                fs.info(bucket)  # not exists(): that hides a credentials error as "missing"
+            except FileNotFoundError:
+                raise JobError(f"output.path: bucket {bucket!r} does not exist (or these credentials cannot see it)") from None
         elif fs.exists(path) and not fs.isdir(path):
             raise JobError(f"output.path: {url} is a file; the output is a folder of Parquet files")
         fs.makedirs(path, exist_ok=True)

@@ -14,7 +14,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint
 from .config import Config
-from .errors import ImageError, MessagesError, PromptError, PromptTooLong
+from .errors import ImageError, InputError, LimitsError, MessagesError, PromptError, PromptTooLong
 from .images import load_image
 from .records import PreparedRequest, Record
 from .vllm_inputs import encode_for_vllm
@@ -113,9 +113,9 @@ class Preprocessor:
             except UnicodeEncodeError:  # a lone surrogate, as a JSON "\ud800" escape gives
                 raise PromptError("the text holds an unpaired UTF-16 surrogate, which is not a character") from None
         if not sources:
-            raise ImageError("the row has no image")
+            raise InputError("the row has no image")
         if len(sources) > self.max_images:
-            raise ImageError(
+            raise LimitsError(
                 f"{len(sources)} images in one row; {self.family.name} takes at most {self.max_images} "
                 f"(limits.max_images_per_row={cfg.limits.max_images_per_row})"
             )

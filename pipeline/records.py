@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from .config import ColumnsConfig
-from .errors import InputError
+from .errors import InputError, RowError
 
 
 class Record(BaseModel):
@@ -89,7 +89,12 @@ class Result:
     image_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_kind: str | None = None  # pipeline.errors.ERROR_KINDS
 
     @classmethod
-    def failed(cls, request_id: Any, error: str, prompt_tokens: int = 0, image_tokens: int = 0) -> "Result":
-        return cls(request_id, None, None, prompt_tokens, image_tokens, 0, error)
+    def failed(cls, request_id: Any, error: RowError | str, prompt_tokens: int = 0, image_tokens: int = 0,
+               kind: str | None = None) -> "Result":
+        """A failed row: from the RowError itself, or from a message and kind carried this far."""
+        if isinstance(error, RowError):
+            error, kind = str(error), error.kind
+        return cls(request_id, None, None, prompt_tokens, image_tokens, 0, error, kind)

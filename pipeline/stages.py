@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from .config import Config
 from .engines import engine_class, make_engine
 from .engines.base import is_async
 from .errors import EngineDead, InputError, RowError, describe_validation_error
+from .metrics import IMAGES, STAGE_SECONDS, metric
 from .preprocess import Preprocessor
 from .records import PreparedRequest, Record, Result
 
@@ -37,6 +39,7 @@ PREPARED_FIELDS = [
     pa.field("_image_sizes", pa.list_(pa.int32())),  # h0, w0, h1, w1, ...
     pa.field("_images", pa.list_(pa.large_binary())),  # vLLM: uint8 [H, W, 3] each
     pa.field("error", pa.string()),
+    pa.field("error_kind", pa.string()),
 ]
 
 RESULT_FIELDS = [
@@ -48,6 +51,7 @@ RESULT_FIELDS = [
     pa.field("model", pa.string()),
     pa.field("backend", pa.string()),
     pa.field("error", pa.string()),
+    pa.field("error_kind", pa.string()),  # pipeline.errors.ERROR_KINDS; null on success
 ]
 
 
@@ -76,6 +80,7 @@ def prepared_to_row(req: PreparedRequest) -> dict[str, Any]:
         "_image_sizes": [v for hw in req.image_sizes for v in hw],
         "_images": [im.tobytes() for im in req.images],
         "error": None,
+        "error_kind": None,
     }
 
 
@@ -117,19 +122,24 @@ class PreprocessStage:
                 raise InputError(row)
             return prepared_to_row(self.pre.prepare(Record.from_row(row, self.cfg.input.columns)))
         except RowError as e:  # the row's own fault, already naming its stage and cause
-            error = str(e)
+            error = e
         except ValidationError as e:  # a column value of the wrong type for a Record
             loc, message = describe_validation_error(e)
-            error = str(InputError(f"{loc}: {message}"))
+            error = InputError(f"{loc}: {message}")
         except Exception as e:  # anything else is still this row's error, never the batch's
             logger.exception("preprocessing a row failed")
-            error = str(InputError(f"unexpected {type(e).__name__}: {e}"))
-        return {f.name: None for f in PREPARED_FIELDS} | {"error": " ".join(error.split("\n"))}
+            error = InputError(f"unexpected {type(e).__name__}: {e}")
+        return {f.name: None for f in PREPARED_FIELDS} | {"error": " ".join(str(error).split("\n")), "error_kind": error.kind}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        start = time.perf_counter()
         c = self.cfg.input.columns
         read = [n for n in dict.fromkeys([c.image, c.image_path, c.prompt, c.messages]) if n in batch.schema.names]
         prepared = list(self.pool.map(self._prepare, python_rows(batch, read)))
+        images = sum(len(p["_image_sizes"] or ()) // 2 for p in prepared)
+        if images:
+            metric(IMAGES).inc(images)
+        metric(STAGE_SECONDS).observe(time.perf_counter() - start, tags={"stage": "preprocess"})
         return with_columns(batch.select(_keep(self.cfg)), pa.Table.from_pylist(prepared, schema=pa.schema(PREPARED_FIELDS)))
 
 
@@ -175,8 +185,11 @@ class GenerateStage:
         return rows, [(i, row_to_prepared(r, i)) for i, r in enumerate(rows) if r["error"] is None]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        start = time.perf_counter()
         rows, todo = self._requests(batch)
-        return self._table(batch, rows, todo, self.engine.generate([p for _, p in todo], self.cfg.generation))
+        generated = self.engine.generate([p for _, p in todo], self.cfg.generation)
+        metric(STAGE_SECONDS).observe(time.perf_counter() - start, tags={"stage": "generate"})
+        return self._table(batch, rows, todo, generated)
 
     def _table(self, batch: pa.Table, rows: list[dict], todo: list, generated: list[Result]) -> pa.Table:
         results: list[Result | None] = [None] * len(rows)
@@ -184,7 +197,7 @@ class GenerateStage:
             results[i] = res
         out = []
         for i, (row, res) in enumerate(zip(rows, results)):
-            res = res or Result.failed(i, row["error"])
+            res = res or Result.failed(i, row["error"], kind=row["error_kind"])
             out.append({
                 "text": res.text,
                 "finish_reason": res.finish_reason,
@@ -194,6 +207,7 @@ class GenerateStage:
                 "model": self.engine.model_name,
                 "backend": self.engine.backend,
                 "error": res.error,
+                "error_kind": res.error_kind,
             })
         return with_columns(batch.select(_keep(self.cfg)), pa.Table.from_pylist(out, schema=pa.schema(RESULT_FIELDS)))
 
@@ -204,6 +218,7 @@ class AsyncGenerateStage(GenerateStage):
     batching overlaps the next batch's prefill with the last one's decode."""
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
+        start = time.perf_counter()
         rows, todo = self._requests(batch)
         try:
             generated = await self.engine.agenerate([p for _, p in todo], self.cfg.generation)
@@ -211,6 +226,7 @@ class AsyncGenerateStage(GenerateStage):
             # A retried task would land on this same dead actor: exit so Ray Data restarts it.
             logger.error("vLLM engine died; exiting so Ray Data restarts this actor")
             os._exit(1)
+        metric(STAGE_SECONDS).observe(time.perf_counter() - start, tags={"stage": "generate"})
         return self._table(batch, rows, todo, generated)
 
 

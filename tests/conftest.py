@@ -114,9 +114,51 @@ def ray_local():
 
     if not ray.is_initialized():
         cpus = local_cpus(load_config({"model": {"name": "any"}}))
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # Metrics exported on a port of our own, every half second, so tests can scrape them.
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 _metrics_export_port=free_port(), _system_config={"metrics_report_interval_ms": 500})
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def metrics_url(ray_local) -> str:
+    """This session's Ray's Prometheus endpoint."""
+    port = ray_local._private.worker.global_worker.node.metrics_export_port
+    return f"http://127.0.0.1:{port}/metrics"
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus text over HTTP, parsed by prometheus_client: {(sample name, labels): value},
+    summed over Ray's per-process labels (worker, component, ...)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    keep = {"status", "kind", "stage", "stream", "le"}
+    out: dict[tuple[str, tuple], float] = {}
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if "llava_ray" not in sample.name:
+                continue
+            key = (sample.name, tuple(sorted((k, v) for k, v in sample.labels.items() if k in keep)))
+            out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    """The sum of the samples of `name` whose labels include `labels`."""
+    want = set((k, str(v)) for k, v in labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,9 @@ def _imports(path: Path) -> set[str]:
                 prefix = ".".join(base + ([node.module] if node.module else []))
             else:
                 prefix = node.module or ""
-            # `from . import x` may name a submodule: keep both candidates, filtered below.
-            names = [prefix] + [f"{prefix}.{a.name}" for a in node.names]
+            # `from .m import x`: the module m, and x in case it is a submodule (filtered below);
+            # `from . import m`: the submodule m only, not the package.
+            names = ([prefix] if node.module else []) + [f"{prefix}.{a.name}" for a in node.names]
         else:
             continue
         found.update(n for n in names if n.split(".")[0] in PACKAGES)
@@ -97,9 +98,9 @@ def test_code_points_to_nothing_outside_the_repository():
 # package's modules, for pipeline.engines).
 LAYERS = {
     "pipeline.errors": 0,
-    "pipeline.config": 1, "pipeline.families": 1,
+    "pipeline.config": 1, "pipeline.families": 1, "pipeline.metrics": 1,
     "pipeline.storage": 2, "pipeline.fetch": 2, "pipeline.tiny": 2, "pipeline.cluster": 2,
-    "pipeline.checkpoint": 3, "pipeline.images": 3, "pipeline.records": 3, "pipeline.lease": 3,
+    "pipeline.checkpoint": 3, "pipeline.images": 3, "pipeline.records": 3, "pipeline.lease": 3, "pipeline.progress": 3, "pipeline.manifest": 4,
     "pipeline.vllm_inputs": 4, "pipeline.engines": 4,
     "pipeline.preprocess": 5, "pipeline.checks": 5,
     "pipeline.stages": 6, "pipeline.resume": 6,

@@ -87,7 +87,7 @@ def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
 
 
 def failed(request: PreparedRequest, error: Exception) -> Result:
-    return Result.failed(request.id, str(EngineError.wrap(error)), request.prompt_tokens, request.image_tokens)
+    return Result.failed(request.id, EngineError.wrap(error), request.prompt_tokens, request.image_tokens)
 
 
 def generate_with_row_fallback(

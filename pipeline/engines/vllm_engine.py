@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Iterator
 
 from ..checkpoint import Checkpoint
 from ..config import Config, GenerationConfig
-from ..errors import EngineDead
+from ..errors import EngineDead, EngineError
 from ..records import PreparedRequest, Result
 from .base import EngineLabels, failed, generate_with_row_fallback, resolve_dtype
 
@@ -75,7 +75,7 @@ def to_result(request: PreparedRequest, prompt_token_ids, text: str, n_tokens: i
     """What vLLM reported for a finished request -> Result (token counts as vLLM saw them)."""
     prompt_tokens = len(prompt_token_ids or ())
     if finish_reason not in ("stop", "length"):  # "abort" / "error" / "repetition"
-        return Result.failed(request.id, f"engine: request ended with {finish_reason!r}", prompt_tokens, request.image_tokens)
+        return Result.failed(request.id, EngineError(f"request ended with {finish_reason!r}"), prompt_tokens, request.image_tokens)
     return Result(request.id, text, finish_reason, prompt_tokens, request.image_tokens, n_tokens)
 
 

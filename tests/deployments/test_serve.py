@@ -24,6 +24,8 @@ from tests.conftest import (
     reference,
     resized,
     saved,
+    scrape,
+    value,
     write_parquet,
 )
 from tests.image_server import ImageServer
@@ -247,13 +249,23 @@ def test_sampling_parameters(client):
     assert seven != greedy and seven != eight
 
 
-def test_16_concurrent_requests_are_answered_in_batches(app, client):
+def _settled(metrics_url: str, done) -> dict:
+    """Scrape until `done(samples)` holds: Ray exports every half second."""
+    deadline = time.monotonic() + 30
+    while True:
+        samples = scrape(metrics_url)
+        if done(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.25)
+
+
+def test_16_concurrent_requests_are_answered_in_batches(app, client, metrics_url):
     images = [ASTRONAUT, CHELSEA, COFFEE, resized("rocket", 427, 640)]
     prompts = ["What is this?", "Describe the picture.", "What color is the sky?", "How many people are there?"]
     requests = [[user(data_uri(images[i % 4]), prompts[i // 4])] for i in range(16)]
     alone = [ask(client, m, max_tokens=MAX_NEW).choices[0].message.content for m in requests]
-    headers = {"Authorization": f"Bearer {KEY}"}
-    before = httpx.get(app.removesuffix("/v1") + "/metrics/batches", headers=headers).json()
+    before = _settled(metrics_url, lambda s: True)
+    sizes = lambda s: value(s, "ray_llava_ray_batch_size_sum") - value(before, "ray_llava_ray_batch_size_sum")  # noqa: E731
 
     async def together():
         aclient = openai.AsyncOpenAI(base_url=app, api_key=KEY, max_retries=0, timeout=120)
@@ -262,12 +274,37 @@ def test_16_concurrent_requests_are_answered_in_batches(app, client):
         )
 
     answers = asyncio.run(together())
-    after = httpx.get(app.removesuffix("/v1") + "/metrics/batches", headers=headers).json()
-
+    after = _settled(metrics_url, lambda s: sizes(s) >= 16)
     assert [a.choices[0].message.content for a in answers] == alone
-    sizes = {int(k): v - before["batch_sizes"].get(k, 0) for k, v in after["batch_sizes"].items()}
-    assert after["requests"] - before["requests"] == 16
-    assert max(k for k, v in sizes.items() if v > 0) > 1, sizes
+    assert sizes(after) == 16  # every request in exactly one batch
+    batches = value(after, "ray_llava_ray_batch_size_count") - value(before, "ray_llava_ray_batch_size_count")
+    singles = value(after, "ray_llava_ray_batch_size_bucket", le="1.0") - value(before, "ray_llava_ray_batch_size_bucket", le="1.0")
+    assert batches < 16 and singles < batches, (batches, singles)  # some batches held several requests
+
+
+def test_endpoint_metrics_count_what_was_sent(app, client, metrics_url):
+    def requests(s, status, stream):
+        return value(s, "ray_llava_ray_requests_total", status=status, stream=stream)
+
+    before = _settled(metrics_url, lambda s: True)
+    messages = [user(data_uri(ASTRONAUT), "Count me.")]
+    for _ in range(3):
+        ask(client, messages, max_tokens=4)
+    text, _ = ask_streaming(client, messages, max_tokens=6)
+    assert post(app, {"model": MODEL, "messages": [user("data:image/png;base64,AAAA", "Hi")]}).status_code == 400
+
+    def delta(s, name, **labels):
+        return value(s, name, **labels) - value(before, name, **labels)
+
+    after = _settled(metrics_url, lambda s: delta(s, "ray_llava_ray_request_seconds_count") >= 5)
+    assert (requests(after, "200", "false") - requests(before, "200", "false"),
+            requests(after, "200", "true") - requests(before, "200", "true"),
+            requests(after, "400", "false") - requests(before, "400", "false")) == (3, 1, 1)
+    assert delta(after, "ray_llava_ray_request_seconds_count") == 5
+    assert delta(after, "ray_llava_ray_time_to_first_token_seconds_count") == 1  # the stream's
+    assert delta(after, "ray_llava_ray_time_per_output_token_seconds_count") == 1
+    assert delta(after, "ray_llava_ray_batch_size_sum") == 3  # the plain requests; a stream is not batched, a 400 never reaches the model
+    assert text
 
 
 BIG_NOISE = encode(np.random.default_rng(0).integers(0, 255, (700, 700, 3), dtype=np.uint8))  # ~1.5 MB of PNG
@@ -284,7 +321,7 @@ FLAT_9MP = encode(np.zeros((3000, 3000, 3), np.uint8))  # 9 megapixels in a few 
         ({"model": "M", "messages": [user(data_uri(ASTRONAUT), "Hi")], "n": 2}, 422,
          "n: only n=1 is supported, got 2", "n", "invalid_value"),
         ({"model": "M", "messages": [{"role": "user", "content": "Hi, no image"}]}, 400,
-         "image: the row has no image", "messages", "invalid_image"),
+         "input: the row has no image", "messages", None),
         ({"model": "M", "messages": [user("data:image/png;base64,!!!notbase64", "Hi")]}, 400,
          "image: invalid base64 in data: URI", "messages", "invalid_image"),
         ({"model": "M", "messages": [user(data_uri(b"plain text, not an image"), "Hi")]}, 400,
@@ -399,7 +436,7 @@ CORPUS = {
     "lab-image": ({"model": "M", "messages": [user(LAB, "Hi")]}, {}, 400,
                   "image: mode LAB images are not supported; convert them to RGB (or 8/16-bit greyscale)", "messages", "invalid_image"),
     "assistant-only": ({"model": "M", "messages": [{"role": "assistant", "content": "Hello"}]}, {}, 400,
-                       "image: the row has no image", "messages", "invalid_image"),
+                       "input: the row has no image", "messages", None),
 }
 
 

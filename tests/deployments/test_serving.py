@@ -5,6 +5,7 @@ import asyncio
 import json
 
 from deployments.serving import sse_events
+from pipeline.errors import EngineError
 from pipeline.records import Result
 
 
@@ -49,7 +50,7 @@ def test_a_stream_ends_with_finish_reason_usage_and_done():
 
 
 def test_an_engine_error_mid_stream_is_an_error_event_then_done():
-    rest = Stream([" more", Result.failed("r", "engine: RuntimeError: out of memory", 7)])
+    rest = Stream([" more", Result.failed("r", EngineError("RuntimeError: out of memory"), 7)])
     events = _events("Some", rest)
     assert [e["choices"][0]["delta"]["content"] for e in events[1:3]] == ["Some", " more"]
     assert events[3] == {"error": {"message": "engine: RuntimeError: out of memory", "type": "server_error",

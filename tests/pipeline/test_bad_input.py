@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.errors import ConfigError, JobError
+from pipeline.errors import ERROR_KINDS, ConfigError, JobError
 from pipeline.job import run_job
 from pipeline.stages import GenerateStage, PreprocessStage
 from tests.conftest import (
@@ -96,7 +96,7 @@ def corpus(tmp_path) -> tuple[list[dict], dict[str, tuple[str, object]]]:
             {"type": "image_url", "image_url": {"url": str(on_disk)}}, {"type": "text", "text": "What is it?"}]})}, ok([GOOD], "What is it?")),
         "bad_utf8_passthrough": ({"image": GOOD, "tag": b"caf\xe9"}, ok([GOOD])),  # carried as it came
         # images that cannot be used
-        "no_image": ({}, err("image: the row has no image")),
+        "no_image": ({}, err("input: the row has no image")),
         "empty_bytes": ({"image": b""}, err("image: empty (0 bytes)")),
         "truncated_jpeg": ({"image": truncated}, err(f"image: truncated or corrupt JPEG data: {pil_error(truncated)}")),
         "random_bytes": ({"image": np.random.default_rng(1).bytes(4096)}, err("image: cannot identify image file")),
@@ -189,7 +189,7 @@ def test_the_corpus_through_the_stages(tiny_llava, tmp_path):
         row = out[key]
         if kind == "error":
             assert (row["error"], row["text"]) == (want, None), key
-            assert "\n" not in row["error"]
+            assert "\n" not in row["error"] and row["error_kind"] in ERROR_KINDS, key
         else:
             images, prompt, _ = want
             ref = reference(tiny_llava, images, prompt, MAX_NEW)

@@ -9,7 +9,7 @@ import transformers as tf
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.errors import ImageError, MessagesError, PromptTooLong
+from pipeline.errors import ImageError, InputError, MessagesError, PromptTooLong
 from pipeline.preprocess import build_conversation
 from pipeline.records import Record
 from tests.conftest import encode, hf_engine, photo, preprocessor, resized
@@ -92,7 +92,7 @@ def test_limits_name_the_cause(tiny_llava):
         pre.prepare(Record(id=1, images=[resized("coffee", 50, 50)] * 2))
     with pytest.raises(PromptTooLong, match=r"prompt: \d+ tokens \(576 for images\) exceeds limits.max_prompt_tokens=600"):
         pre.prepare(Record(id=1, images=[resized("coffee", 50, 50)], prompt="word " * 200))
-    with pytest.raises(ImageError, match="the row has no image"):
+    with pytest.raises(InputError, match="^input: the row has no image$"):
         pre.prepare(Record(id=1, images=[], prompt="hi"))
 
 
