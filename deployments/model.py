@@ -19,7 +19,7 @@ from pipeline.checkpoint import Checkpoint
 from pipeline.config import Config, GenerationConfig, ServeConfig
 from pipeline.engines import make_engine
 from pipeline.engines.base import AsyncEngine
-from pipeline.metrics import BATCH_SIZE, metric
+from pipeline.metrics import BATCH_SIZE, STREAMS_ABORTED, metric
 from pipeline.records import PreparedRequest, Result
 
 logger = logging.getLogger(__name__)
@@ -101,10 +101,17 @@ class LlavaModelServer:
         return results
 
     async def stream(self, request: PreparedRequest, sampling: GenerationConfig) -> AsyncIterator[str | Result]:
-        """Text deltas, then the request's Result (usage and finish_reason for the last chunk)."""
-        if isinstance(self.engine, AsyncEngine):
-            async for item in self.engine.astream(request, sampling):
+        """Text deltas, then the request's Result (usage and finish_reason for the last chunk).
+        A caller that goes away closes this generator, which stops the engine's generation
+        (counted as llava_ray_streams_aborted_total)."""
+        finished = False
+        items = self.engine.astream(request, sampling) if isinstance(self.engine, AsyncEngine) else \
+            _iterate_in_thread(lambda: self.engine.stream(request, sampling))
+        try:
+            async for item in items:
+                finished = isinstance(item, Result)
                 yield item
-        else:
-            async for item in _iterate_in_thread(lambda: self.engine.stream(request, sampling)):
-                yield item
+        finally:
+            if not finished:
+                await items.aclose()
+                metric(STREAMS_ABORTED).inc()

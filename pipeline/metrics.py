@@ -26,8 +26,9 @@ TIME_TO_FIRST_TOKEN = "llava_ray_time_to_first_token_seconds"
 TIME_PER_OUTPUT_TOKEN = "llava_ray_time_per_output_token_seconds"
 REQUEST_SECONDS = "llava_ray_request_seconds"
 BATCH_SIZE = "llava_ray_batch_size"
+STREAMS_ABORTED = "llava_ray_streams_aborted_total"  # streams the client left before their end
 
-COUNTERS = (ROWS, IMAGES, PROMPT_TOKENS, IMAGE_TOKENS, GENERATED_TOKENS, REQUESTS)
+COUNTERS = (ROWS, IMAGES, PROMPT_TOKENS, IMAGE_TOKENS, GENERATED_TOKENS, REQUESTS, STREAMS_ABORTED)
 HISTOGRAMS = (STAGE_SECONDS, TIME_TO_FIRST_TOKEN, TIME_PER_OUTPUT_TOKEN, REQUEST_SECONDS, BATCH_SIZE)
 
 _TAGS = {ROWS: ("status", "kind"), STAGE_SECONDS: ("stage",), REQUESTS: ("status", "stream")}
@@ -37,7 +38,9 @@ _BOUNDARIES = {
     TIME_TO_FIRST_TOKEN: _SECONDS,
     TIME_PER_OUTPUT_TOKEN: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1],
     REQUEST_SECONDS: _SECONDS,
-    BATCH_SIZE: [1, 2, 4, 8, 16, 32, 64, 128, 256],
+    # One bucket per size up to 16: batch sizes are read exactly from the buckets (Ray's
+    # exported _sum of a histogram is an estimate from its buckets, not the sum).
+    BATCH_SIZE: [*range(1, 17), 32, 64, 128, 256],
 }
 _DESCRIPTIONS = {
     ROWS: "Output rows by status and error kind",
@@ -51,6 +54,7 @@ _DESCRIPTIONS = {
     TIME_PER_OUTPUT_TOKEN: "Seconds per generated token after the first, streaming requests",
     REQUEST_SECONDS: "Seconds from a request's arrival to its last byte",
     BATCH_SIZE: "Requests per model batch (transformers backend)",
+    STREAMS_ABORTED: "Streams whose generation was stopped because the client went away",
 }
 
 

@@ -207,6 +207,18 @@ def reference(ckpt: str, images: list[bytes], prompt: str | None = None, max_new
 _REF_MODELS: dict = {}
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose header claims width x height: a decompression bomb's signature."""
+    import struct
+    import zlib
+
+    data = bytearray(encode(np.zeros((1, 1, 3), np.uint8)))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
 def saved(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)

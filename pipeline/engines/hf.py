@@ -199,9 +199,13 @@ class HFEngine(EngineLabels):
         def run():
             try:
                 with self._lock, torch.inference_mode():
+                    if closed.is_set():  # the consumer left while this waited for the model
+                        return
                     if sampling.seed is not None:
                         torch.manual_seed(sampling.seed)
                     self.model.generate(**inputs, **self._generate_kwargs(sampling), streamer=TokenQueue())
+            except InterruptedError:  # our own stop: dropped here, with its traceback (which holds
+                pass  # the generation's frames and KV cache), not kept alive until a GC cycle
             except BaseException as e:  # re-raised to the consumer below
                 failure.append(e)
             finally:

@@ -2,8 +2,6 @@
 corpus of bad inputs: the job finishes, good rows are answered, each bad row names its cause."""
 
 import io
-import struct
-import zlib
 
 import boto3
 import numpy as np
@@ -15,7 +13,15 @@ from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.job import run_job
-from tests.conftest import encode, photo, pil_error, read_output, resized, write_parquet
+from tests.conftest import (
+    encode,
+    photo,
+    pil_error,
+    png_claiming,
+    read_output,
+    resized,
+    write_parquet,
+)
 
 pytestmark = pytest.mark.slow
 KEY, SECRET, BUCKET = "testing-key", "testing-secret", "llava"
@@ -81,15 +87,6 @@ def test_s3_round_trip_equals_the_local_job(ray_local, tiny_llava, s3_endpoint, 
         assert s3_out[i]["completion_tokens"] == local_out[i]["completion_tokens"]
 
 
-def _png_claiming(width: int, height: int) -> bytes:
-    """A valid tiny PNG whose header claims width x height: a decompression bomb's signature."""
-    data = bytearray(encode(np.zeros((1, 1, 3), np.uint8)))
-    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
-    data[16:29] = ihdr
-    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
-    return bytes(data)
-
-
 def _special_images() -> dict[str, bytes]:
     rgb = photo("coffee")
     cmyk = io.BytesIO()
@@ -116,7 +113,7 @@ def test_bad_input_corpus(ray_local, tiny_llava, s3_endpoint, tmp_path):
         "random_bytes": (np.random.default_rng(0).bytes(4096), "image: cannot identify image file"),
         "text": (b"hello, I am not an image\n" * 10, "image: cannot identify image file"),
         "thin_1x20000": (encode(np.zeros((20000, 1, 3), np.uint8)), "image: 1x20000 aspect ratio exceeds limits.max_aspect_ratio=50"),
-        "bomb": (_png_claiming(40000, 40000), "image: 40000x40000 exceeds limits.max_pixels=40000000"),
+        "bomb": (png_claiming(40000, 40000), "image: 40000x40000 exceeds limits.max_pixels=40000000"),
     }
     for name, data in {**good, **usable}.items():
         fs.pipe(f"{BUCKET}/corpus/{name}.img", data)
