@@ -2,6 +2,7 @@
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import transformers as tf
 from PIL import Image
 
@@ -28,3 +29,23 @@ def test_prepared_row_round_trips_and_is_at_most_a_quarter_of_the_processor_outp
         enc = processor(images=[Image.open(io.BytesIO(image))], text=prepared.prompt, return_tensors="np")
         theirs += sum(v.nbytes for v in enc.values())
     assert ours / theirs <= 0.25, ours / theirs
+
+
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_llava_next"])
+def test_the_system_prompt_reaches_the_model(request, family):
+    """Both stages as plain callables, as Ray Data calls them, with `prompt.system` set: the
+    answer and the prompt's length are transformers' own for the conversation with that turn."""
+    from pipeline.stages import GenerateStage, PreprocessStage
+    from tests.conftest import reference
+
+    ckpt = request.getfixturevalue(family)
+    image = resized("chelsea", 300, 451)
+    cfg = {"model": {"name": ckpt}, "generation": {"max_new_tokens": 8}, "input": {"path": "unused"},
+           "prompt": {"system": "You are a terse assistant."}}
+    out = GenerateStage(cfg)(PreprocessStage(cfg)(pa.table({"id": [1], "image": [image], "prompt": ["Who is this?"]}))).to_pylist()[0]
+    system = {"role": "system", "content": [{"type": "text", "text": "You are a terse assistant."}]}
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Who is this?"}]}
+    ref = reference(ckpt, [image], conversation=[system, user], max_new_tokens=8)
+    without = reference(ckpt, [image], "Who is this?", 8)
+    assert (out["text"], out["prompt_tokens"]) == (ref.text, ref.prompt_tokens)
+    assert ref.prompt_tokens > without.prompt_tokens  # the turn is really there
