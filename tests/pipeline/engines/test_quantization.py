@@ -85,8 +85,10 @@ def test_eager_attention_gives_the_same_answer_as_sdpa(tiny_llava):
         cfg = load_config({"model": {"name": tiny_llava, "attn_implementation": attn}, "generation": {"max_new_tokens": 10}})
         engine = hf_engine(cfg)
         assert engine.backend == f"transformers/float32/{attn}"
-        results[attn] = engine.generate([preprocessor(cfg).prepare(Record(id=1, images=[image], prompt="Who?"))], cfg.generation)[0].text
-    assert results["sdpa"] == results["eager"] == reference(tiny_llava, [image], "Who?", 10).text
+        r = engine.generate([preprocessor(cfg).prepare(Record(id=1, images=[image], prompt="Who?"))], cfg.generation)[0]
+        results[attn] = (r.text, r.prompt_tokens, r.image_tokens, r.completion_tokens)
+    ref = reference(tiny_llava, [image], "Who?", 10)
+    assert results["sdpa"] == results["eager"] == (ref.text, ref.prompt_tokens, ref.image_tokens, ref.completion_tokens)
 
 
 def test_four_bit_lowers_the_kernels_peak_rss_and_the_footprint(tmp_path):
