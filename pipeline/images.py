@@ -1,4 +1,4 @@
-"""Image bytes -> checked RGB PIL image. Errors are `ImageError`s whose message names the cause.
+"""Image bytes -> checked, upright RGB PIL image. Errors are `ImageError`s whose message names the cause.
 
 Sources: raw bytes, a local path, `s3://` (fsspec/s3fs), `data:` URIs (online), and `http(s)://`
 through the guarded fetcher in `pipeline.fetch` (a security boundary; off unless enabled).
@@ -14,11 +14,13 @@ import stat
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL.JpegImagePlugin import JpegImageFile
 
 from .config import FetchConfig, LimitsConfig, StorageConfig
 from .errors import FetchError, ImageError, LimitsError
 from .fetch import fetch_url
+from .pixels import Decoded, Fits
 from .storage import storage_options
 
 # We check pixel counts ourselves (limits.max_pixels) before decoding; PIL's own bomb guard
@@ -105,8 +107,13 @@ def _decode_data_uri(uri: str, limits: LimitsConfig) -> bytes:
         raise ImageError("invalid base64 in data: URI") from None
 
 
-def decode_image(data: bytes, limits: LimitsConfig) -> Image.Image:
-    """Decode and check one image; return it upright (EXIF) in RGB, first frame of animations."""
+def decode_image(data: bytes, limits: LimitsConfig, fits: Fits | None = None) -> Decoded:
+    """Decode and check one image; return it upright (EXIF) in RGB, first frame of animations.
+
+    With `fits` (pipeline.pixels), a large photo is decoded reduced as far as `fits` allows,
+    after the checks on its header size: a JPEG at 1/2, 1/4 or 1/8 scale in the DCT (most of the
+    decoding work is skipped), anything else decoded in full and box-reduced by an integer factor.
+    """
     if not data:
         raise ImageError("empty (0 bytes)")
     try:
@@ -126,13 +133,46 @@ def decode_image(data: bytes, limits: LimitsConfig) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette-with-transparency etc. are handled below
             img.seek(0)
+            size = _upright(img)
+            scale = _draft(img, size, fits) if fits and isinstance(img, JpegImageFile) else 1
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of an upright photo
+            img = _to_rgb(img)
+            if fits and scale == 1:
+                scale = _largest(size, fits, range(2, min(size) + 1))
+                if scale > 1:
+                    img = img.reduce(scale)
+            return Decoded(img, size, scale)
     except ImageError:
         raise
     except Exception as e:
         raise _corrupt(img.format, e) from None
+
+
+def _upright(img: Image.Image) -> tuple[int, int]:
+    """(height, width) as shown: EXIF orientations 5-8 store the picture turned a quarter turn."""
+    w, h = img.size
+    return (w, h) if img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8) else (h, w)
+
+
+def _largest(size: tuple[int, int], fits: Fits, factors) -> int:
+    """The largest of `factors` (ascending) that fits, with every smaller one: 1 if none does."""
+    best = 1
+    for f in factors:
+        if not fits(size, (-(-size[0] // f), -(-size[1] // f))):  # each side rounded up, as PIL does
+            break
+        best = f
+    return best
+
+
+def _draft(img: JpegImageFile, size: tuple[int, int], fits: Fits) -> int:
+    """Ask the JPEG decoder for the smallest DCT scale that fits; the scale it will decode at."""
+    scale = _largest(size, fits, (2, 4, 8))
+    if scale == 1:
+        return 1
+    w, h = img.size
+    drafted = img.draft(None, (w // scale, h // scale))  # PIL picks the largest scale keeping this size
+    return scale if drafted is not None else 1  # None: a layout PIL cannot draft; reduced after decoding
 
 
 def _corrupt(fmt: str | None, e: Exception) -> ImageError:
@@ -169,14 +209,3 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     return img.convert("RGB") if img.mode != "RGB" else img
-
-
-def load_image(
-    source: bytes | str,
-    limits: LimitsConfig,
-    fetch: FetchConfig,
-    storage: StorageConfig,
-    *,
-    local_ok: bool = True,
-) -> Image.Image:
-    return decode_image(load_bytes(source, limits, fetch, storage, local_ok=local_ok), limits)

@@ -1,13 +1,16 @@
 """Preprocessor: record -> PreparedRequest, the CPU half shared by the job and the endpoint.
 
-Plain class, no Ray: decode and check images, build the conversation, apply the checkpoint's
-own chat template, tokenise with image-token expansion, and keep AnyRes tiles as uint8 (the
-model side rescales and normalises, so 4x fewer bytes cross the object store).
+Plain class, no Ray: decode and check images (large photos at reduced scale, pipeline/pixels.py),
+build the conversation, apply the checkpoint's own chat template, tokenise with image-token
+expansion, and keep AnyRes tiles as uint8 (the model side rescales and normalises, so 4x fewer
+bytes cross the object store).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from typing import Any
 
 import numpy as np
@@ -15,9 +18,10 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .config import Config
 from .errors import ImageError, InputError, LimitsError, MessagesError, PromptError, PromptTooLong
-from .images import load_image
+from .images import decode_image, load_bytes
+from .pixels import Decoded, pixels_for
 from .records import PreparedRequest, Record
-from .vllm_inputs import encode_for_vllm
+from .vllm_inputs import encode_for_vllm, expanded_ids
 
 
 def _text_part(part: dict[str, Any]) -> dict[str, Any]:
@@ -83,7 +87,9 @@ def build_conversation(record: Record, system: str | None, default_prompt: str) 
 class Preprocessor:
     """record -> PreparedRequest for one checkpoint. `local_ok=False` for the online endpoint."""
 
-    def __init__(self, cfg: Config, checkpoint: Checkpoint, *, local_ok: bool = True):
+    def __init__(self, cfg: Config, checkpoint: Checkpoint, *, local_ok: bool = True, threads: int | None = None):
+        """`threads`: at most this many rows decode and tile at once (the CPU actor's CPUs), while
+        any number may wait on their image bytes; None: no bound."""
         self.cfg = cfg
         self.checkpoint = checkpoint
         self.local_ok = local_ok
@@ -98,6 +104,8 @@ class Preprocessor:
         # characters cannot fit, and is refused before tokenising (a 25 MB prompt costs seconds).
         longest = max(len(t) for t in self.processor.tokenizer.get_vocab())
         self.max_text_chars = self.context_len * longest
+        self.pixels = None if cfg.preprocess.exact else pixels_for(self.family.name, self.processor)
+        self.cpu = threading.BoundedSemaphore(threads) if threads else contextlib.nullcontext()
 
     def prepare(self, record: Record, max_new_tokens: int | None = None) -> PreparedRequest:
         """Raise a RowError (ImageError, MessagesError, PromptError; message = the row's error)."""
@@ -119,49 +127,53 @@ class Preprocessor:
                 f"{len(sources)} images in one row; {self.family.name} takes at most {self.max_images} "
                 f"(limits.max_images_per_row={cfg.limits.max_images_per_row})"
             )
-        images = [load_image(s, cfg.limits, cfg.fetch, cfg.storage, local_ok=self.local_ok) for s in sources]
-        try:
-            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception as e:  # the template's own raise_exception (e.g. an unsupported role order)
-            raise MessagesError(f"the chat template rejected the conversation: {e}") from None
-        placeholder = self.processor.image_token
-        if prompt.count(placeholder) != len(images):  # the text itself holds the placeholder
-            raise PromptError(f"the text must not contain the image placeholder {placeholder!r}")
-        if cfg.backend == "vllm":
-            request = encode_for_vllm(self.checkpoint, record.id, prompt, images)
-        else:
-            request = self._encode(record.id, prompt, images)
+        encoded = [load_bytes(s, cfg.limits, cfg.fetch, cfg.storage, local_ok=self.local_ok) for s in sources]
+        with self.cpu:
+            fits = self.pixels.fits if self.pixels else None
+            images = [decode_image(data, cfg.limits, fits) for data in encoded]
+            try:
+                prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            except Exception as e:  # the template's own raise_exception (e.g. an unsupported role order)
+                raise MessagesError(f"the chat template rejected the conversation: {e}") from None
+            placeholder = self.processor.image_token
+            if prompt.count(placeholder) != len(images):  # the text itself holds the placeholder
+                raise PromptError(f"the text must not contain the image placeholder {placeholder!r}")
+            if cfg.backend == "vllm":
+                request = encode_for_vllm(self.checkpoint, record.id, prompt, images, self.pixels)
+            else:
+                request = self._encode(record.id, prompt, images)
         self._check_length(request, max_new_tokens or cfg.generation.max_new_tokens)
         return request
 
-    def _encode(self, request_id: Any, prompt: str, images: list) -> PreparedRequest:
-        # do_rescale/do_normalize off: the processor returns resized, cropped, tiled uint8.
-        try:
-            enc = self.processor(images=images, text=prompt, return_tensors="np", do_rescale=False, do_normalize=False)
-        except Exception as e:  # the checkpoint's own processor refused what decoded fine
-            raise ImageError(f"the checkpoint's processor cannot take this image: {type(e).__name__}: {e}") from None
-        input_ids = enc["input_ids"][0].astype(np.int32)
-        pixels = enc["pixel_values"]
-        sizes = [(im.height, im.width) for im in images]
-        if pixels.ndim == 5:  # AnyRes: [n_images, max_tiles, 3, H, W], padded to the row's max
-            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-            ip = self.processor.image_processor
-            counts = [
-                image_size_to_num_patches(s, ip.image_grid_pinpoints, ip.crop_size["height"]) for s in sizes
-            ]
-            tiles = np.concatenate([pixels[i, :n] for i, n in enumerate(counts)])
-        else:  # [n_images, 3, H, W]
-            counts, tiles = [1] * len(images), pixels
+    def _encode(self, request_id: Any, prompt: str, images: list[Decoded]) -> PreparedRequest:
+        sizes = [d.size for d in images]  # of the photos: the model unpads AnyRes features by them
+        input_ids, image_tokens = expanded_ids(self.checkpoint, prompt, sizes)
+        per_image = [self.pixels.tiles(d) for d in images] if self.pixels else self._processor_tiles(images)
         return PreparedRequest(
             id=request_id,
             prompt=prompt,
             input_ids=input_ids,
-            image_tokens=int((input_ids == self.image_token_id).sum()),
-            tiles=np.ascontiguousarray(tiles, dtype=np.uint8),  # tiles: [total, 3, 336, 336] uint8
-            tiles_per_image=counts,
+            image_tokens=image_tokens,
+            tiles=np.ascontiguousarray(np.concatenate(per_image), dtype=np.uint8),  # [total, 3, 336, 336] uint8
+            tiles_per_image=[len(t) for t in per_image],
             image_sizes=sizes,
         )
+
+    def _processor_tiles(self, images: list[Decoded]) -> list[np.ndarray]:
+        """The checkpoint's image processor on the full images (preprocess.exact), each image's
+        tiles as uint8: do_rescale/do_normalize off, it returns them resized, cropped and tiled."""
+        ip = self.processor.image_processor
+        try:
+            pixels = ip(images=[d.image for d in images], return_tensors="np", do_rescale=False, do_normalize=False)["pixel_values"]
+        except Exception as e:  # the checkpoint's own processor refused what decoded fine
+            raise ImageError(f"the checkpoint's processor cannot take this image: {type(e).__name__}: {e}") from None
+        if pixels.ndim == 4:  # [n_images, 3, H, W]
+            return [p[None] for p in pixels]
+        # AnyRes: [n_images, max_tiles, 3, H, W], padded to the row's max
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        counts = [image_size_to_num_patches(d.size, ip.image_grid_pinpoints, ip.crop_size["height"]) for d in images]
+        return [pixels[i, :n] for i, n in enumerate(counts)]
 
     def _check_length(self, request: PreparedRequest, max_new_tokens: int) -> None:
         n = request.prompt_tokens

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.config import FetchConfig, LimitsConfig, StorageConfig
 from pipeline.fetch import blocked_reason, fetch_url
-from pipeline.images import ImageError, load_image
+from pipeline.images import ImageError, decode_image, load_bytes
 from tests.conftest import encode, photo
 from tests.image_server import ImageServer
 
@@ -107,8 +107,8 @@ def test_allowlisted_private_host_is_fetched_and_decodes_like_local_bytes(server
     fetch = _cfg(allowed_private_hosts=["127.0.0.1"])
     assert fetch_url(server.url("/img.png"), fetch, CAP) == IMG
     limits, storage = LimitsConfig(), StorageConfig()
-    fetched = load_image(server.url("/img.png"), limits, fetch, storage, local_ok=False)
-    assert np.array_equal(np.asarray(fetched), np.asarray(load_image(IMG, limits, fetch, storage)))
+    fetched = load_bytes(server.url("/img.png"), limits, fetch, storage, local_ok=False)
+    assert np.array_equal(np.asarray(decode_image(fetched, limits).image), np.asarray(decode_image(IMG, limits).image))
 
 
 def test_networks_can_be_allowlisted_and_domains_restrict_names(server):
@@ -192,7 +192,8 @@ def test_pixel_cap_stops_a_decompression_bomb(server):
     url = server.add("/bomb.png", bomb)
     fetch = _cfg(allowed_private_hosts=["127.0.0.1"])
     with pytest.raises(ImageError) as e:
-        load_image(url, LimitsConfig(max_pixels=4_000_000), fetch, StorageConfig(), local_ok=False)
+        limits = LimitsConfig(max_pixels=4_000_000)
+        decode_image(load_bytes(url, limits, fetch, StorageConfig(), local_ok=False), limits)
     assert str(e.value) == "image: 3000x3000 exceeds limits.max_pixels=4000000"
 
 

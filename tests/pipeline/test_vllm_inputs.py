@@ -11,6 +11,8 @@ from PIL import Image
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import load_config
 from pipeline.errors import PromptError
+from pipeline.images import decode_image
+from pipeline.pixels import Decoded
 from pipeline.records import Record
 from pipeline.vllm_inputs import encode_for_vllm, working_images
 from tests.conftest import encode, hf_engine, preprocessor, resized
@@ -37,6 +39,11 @@ def _pil(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")
 
 
+def _full(image: Image.Image) -> Decoded:
+    """A photo decoded at full size."""
+    return Decoded(image, (image.height, image.width))
+
+
 def _pixels(pre, image):
     return pre.processor.image_processor(images=[image], do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"][0]
 
@@ -47,7 +54,7 @@ def test_working_image_gives_the_processor_the_same_pixels_and_tokens(request, f
     pre = preprocessor(_cfg(request.getfixturevalue(family)))
     original = _pil(resized(name, h, w))
     prompt = "USER: <image>\nWhat is this? ASSISTANT:"
-    req = encode_for_vllm(pre.checkpoint, "r", prompt, [original])
+    req = encode_for_vllm(pre.checkpoint, "r", prompt, [_full(original)], pre.pixels)
     [small] = req.images
     assert small.dtype == np.uint8 and small.ndim == 3 and req.image_sizes == [small.shape[:2]]
     if h * w > 1_000_000:  # large photos shrink to the working size: 3x fewer bytes or better
@@ -71,14 +78,15 @@ def test_working_image_gives_the_processor_the_same_pixels_and_tokens(request, f
 
 @pytest.mark.parametrize("family", ["tiny_llava", "tiny_llava_next"])
 def test_downscaling_keeps_the_tokens_and_the_answer_as_far_as_the_pixels_allow(request, family):
-    """transformers on the original photo vs on the image encode_for_vllm hands to vLLM."""
+    """transformers on the original photo vs on the image encode_for_vllm hands to vLLM, both
+    from the photo as the Preprocessor decodes it (large ones at reduced scale)."""
     ckpt = request.getfixturevalue(family)
     cfg = _cfg(ckpt)
     pre, engine = preprocessor(cfg), hf_engine(cfg)
     originals, downscaled = [], []
     for i, (name, h, w) in enumerate(SIZES):
         data = resized(name, h, w)
-        [small] = working_images(pre.checkpoint, [_pil(data)])
+        [small] = working_images(pre.pixels, [decode_image(data, cfg.limits, pre.pixels.fits)])
         prompt = f"Describe the {name}."
         originals.append(pre.prepare(Record(id=i, images=[data], prompt=prompt)))
         downscaled.append(pre.prepare(Record(id=i, images=[encode(small)], prompt=prompt)))  # PNG: lossless
@@ -100,13 +108,13 @@ def test_multi_image_row_counts_each_image(tiny_llava_next):
     pre = preprocessor(_cfg(tiny_llava_next))
     images = [_pil(resized("chelsea", 300, 451)), _pil(resized("coffee", 1500, 2000))]
     prompt = "[INST] <image>\n<image>\nCompare. [/INST]"
-    req = encode_for_vllm(pre.checkpoint, "pair", prompt, images)
+    req = encode_for_vllm(pre.checkpoint, "pair", prompt, [_full(im) for im in images], pre.pixels)
     expected = pre.processor(images=[Image.fromarray(a) for a in req.images], text=prompt, return_tensors="np")["input_ids"][0]
     np.testing.assert_array_equal(req.input_ids, expected)
     assert req.image_sizes == [(300, 451), req.images[1].shape[:2]] and req.images[1].shape[1] < 2000
 
     with pytest.raises(PromptError, match=r"prompt: 2 image placeholders for 1 image\(s\)"):
-        encode_for_vllm(pre.checkpoint, "x", prompt, images[:1])
+        encode_for_vllm(pre.checkpoint, "x", prompt, [_full(images[0])], pre.pixels)
 
 
 def test_max_image_tokens(tiny_llava, tiny_llava_next):
