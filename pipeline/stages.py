@@ -105,16 +105,19 @@ def row_to_prepared(row: dict[str, Any], request_id: Any) -> PreparedRequest:
 class PreprocessStage:
     """CPU actor: input rows -> prepared rows (or rows with `error`).
 
-    Rows of a batch are prepared on `fetch.concurrency` threads, so image reads from S3 or
-    http(s) overlap (bounded), while decoding and tokenising stay per row.
+    Rows of a batch are prepared on `fetch.concurrency` threads (at least one per CPU), so image
+    reads from S3 or http(s) overlap (bounded), while one row per CPU of the actor decodes and
+    tiles at a time: PIL releases the GIL there, and nothing on that path uses torch or BLAS
+    threads that could oversubscribe the CPUs.
     """
 
     def __init__(self, config: dict):
         from concurrent.futures import ThreadPoolExecutor
 
         self.cfg = Config.model_validate(config)
-        self.pre = Preprocessor(self.cfg, Checkpoint.load(self.cfg.model))
-        self.pool = ThreadPoolExecutor(self.cfg.fetch.concurrency, thread_name_prefix="prepare")
+        cpus = max(1, int(self.cfg.resources.preprocess_cpus))
+        self.pre = Preprocessor(self.cfg, Checkpoint.load(self.cfg.model), threads=cpus)
+        self.pool = ThreadPoolExecutor(max(self.cfg.fetch.concurrency, cpus), thread_name_prefix="prepare")
 
     def _prepare(self, row: dict[str, Any] | str) -> dict[str, Any]:
         try:
