@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
-from PIL import Image
+from PIL import Image, ImageOps
+from PIL.JpegImagePlugin import JpegImageFile
 
 from pipeline.config import load_config
 from pipeline.errors import ImageError, InputError, MessagesError, PromptTooLong
+from pipeline.images import decode_image
 from pipeline.preprocess import build_conversation
 from pipeline.records import Record
-from tests.conftest import encode, hf_engine, photo, preprocessor, resized
+from tests.conftest import encode, hf_engine, photo, preprocessor, resized, saved
+from tests.photos import encoded, picture, processor_tiles, tile_differences
 
 
 def _cfg(ckpt, **extra):
@@ -120,3 +123,97 @@ def test_exif_rotated_photo_gives_the_tiles_of_the_upright_one(request, family, 
     assert a.image_sizes == b.image_sizes == [(480, 640)]
     np.testing.assert_array_equal(a.tiles, b.tiles)
     np.testing.assert_array_equal(a.input_ids, b.input_ids)
+
+
+# Large photos: decoded at reduced scale (pipeline/pixels.py), compared with the processor on the
+# fully decoded photo. Phone photos: 4032x3024 JPEG at quality 90.
+PROMPT = "Describe this image in one sentence."
+
+
+def _full_size_ids(pre, data: bytes, prompt: str) -> np.ndarray:
+    full = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    return pre.processor(images=[full], text=prompt, return_tensors="np")["input_ids"][0]
+
+
+def _assert_within_a_level_of_the_full_photo(pre, data: bytes, upright_hw):
+    prepared = pre.prepare(Record(id=1, images=[data], prompt=PROMPT))
+    theirs = processor_tiles(pre.processor.image_processor, data)
+    means, _ = tile_differences(prepared.tiles, theirs)
+    assert means.max() < 1.0, means
+    assert not np.array_equal(prepared.tiles, theirs)  # reduced: not the full-size computation
+    assert prepared.image_sizes == [upright_hw]  # the photo's own size: tokens and unpadding unchanged
+    np.testing.assert_array_equal(prepared.input_ids, _full_size_ids(pre, data, prepared.prompt))
+    return prepared
+
+
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_llava_next"])
+def test_a_phone_jpeg_is_drafted_at_quarter_scale_and_its_tiles_stay_within_a_level_of_the_processors(request, family, monkeypatch):
+    pre = preprocessor(_cfg(request.getfixturevalue(family)))
+    data = encoded("astronaut", 3024, 4032)
+    drafts = []
+    real_draft = JpegImageFile.draft
+    monkeypatch.setattr(JpegImageFile, "draft", lambda im, mode, size: drafts.append(size) or real_draft(im, mode, size))
+    decoded = decode_image(data, pre.cfg.limits, pre.pixels.fits)
+    assert drafts == [(1008, 756)] and decoded.scale == 4 and decoded.image.size == (1008, 756)
+    _assert_within_a_level_of_the_full_photo(pre, data, (3024, 4032))
+
+
+@pytest.mark.parametrize("family, scale", [("tiny_llava", 4), ("tiny_llava_next", 2)])
+def test_a_large_png_is_box_reduced_and_its_tiles_stay_within_a_level_of_the_processors(request, family, scale):
+    pre = preprocessor(_cfg(request.getfixturevalue(family)))
+    data = encoded("coffee", 2048, 2048, "PNG")
+    decoded = decode_image(data, pre.cfg.limits, pre.pixels.fits)
+    assert decoded.scale == scale and decoded.image.size == (2048 // scale,) * 2
+    _assert_within_a_level_of_the_full_photo(pre, data, (2048, 2048))
+
+
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_llava_next"])
+def test_an_exif_rotated_phone_jpeg_is_reduced_as_the_upright_photo(request, family):
+    """The scale is chosen on the upright size, and the tiles, sizes and tokens are the upright
+    photo's: within a level of the processor on it, and of the same picture stored upright."""
+    pre = preprocessor(_cfg(request.getfixturevalue(family)))
+    upright = picture("rocket", 3024, 4032)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn the stored pixels 90 degrees clockwise to show them
+    stored = saved(upright.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=90, exif=exif)
+    decoded = decode_image(stored, pre.cfg.limits, pre.pixels.fits)
+    assert decoded.size == (3024, 4032) and decoded.image.size == (1008, 756) and decoded.scale == 4
+    rotated = _assert_within_a_level_of_the_full_photo(pre, stored, (3024, 4032))
+    flat = pre.prepare(Record(id=1, images=[saved(upright, "JPEG", quality=90)], prompt=PROMPT))
+    np.testing.assert_array_equal(rotated.input_ids, flat.input_ids)
+    means, _ = tile_differences(rotated.tiles, flat.tiles)
+    assert means.max() < 1.0, means  # two JPEG encodings of one picture, not the same bytes
+
+
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_llava_next"])
+def test_preprocess_exact_gives_the_processors_tiles_of_the_full_photo_bit_for_bit(request, family):
+    ckpt = request.getfixturevalue(family)
+    data = encoded("astronaut", 3024, 4032)
+    exact = preprocessor(_cfg(ckpt, preprocess={"exact": True})).prepare(Record(id=1, images=[data], prompt=PROMPT))
+    fast = preprocessor(_cfg(ckpt)).prepare(Record(id=1, images=[data], prompt=PROMPT))
+    theirs = processor_tiles(tf.AutoProcessor.from_pretrained(ckpt).image_processor, data)
+    np.testing.assert_array_equal(exact.tiles, theirs)
+    assert not np.array_equal(fast.tiles, theirs)  # the default is the reduced decode
+    np.testing.assert_array_equal(exact.input_ids, fast.input_ids)
+    assert exact.image_sizes == fast.image_sizes == [(3024, 4032)] and exact.tiles_per_image == fast.tiles_per_image
+
+
+# (h, w) of photos just under the size that would be reduced (2 x sqrt(2) the model's input in
+# each direction), and just over it: the LLaVA-1.5 shortest edge 336; NeXT's 504x672 resize.
+UNDER = {"tiny_llava": [(672, 896), (950, 1266), (1266, 950)], "tiny_llava_next": [(1008, 1344), (1424, 1898)]}
+OVER = {"tiny_llava": (952, 1269), "tiny_llava_next": (1426, 1902)}
+
+
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_llava_next"])
+def test_photos_up_to_2_8x_the_model_input_are_bit_identical_with_and_without_exact(request, family):
+    ckpt = request.getfixturevalue(family)
+    fast, exact = preprocessor(_cfg(ckpt)), preprocessor(_cfg(ckpt, preprocess={"exact": True}))
+    for h, w in UNDER[family]:
+        data = encoded("chelsea", h, w)
+        assert decode_image(data, fast.cfg.limits, fast.pixels.fits).scale == 1
+        a = fast.prepare(Record(id=1, images=[data], prompt=PROMPT))
+        b = exact.prepare(Record(id=1, images=[data], prompt=PROMPT))
+        np.testing.assert_array_equal(a.tiles, b.tiles)
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+    data = encoded("chelsea", *OVER[family])
+    assert decode_image(data, fast.cfg.limits, fast.pixels.fits).scale == 2  # where reducing starts

@@ -49,3 +49,36 @@ def test_the_system_prompt_reaches_the_model(request, family):
     without = reference(ckpt, [image], "Who is this?", 8)
     assert (out["text"], out["prompt_tokens"]) == (ref.text, ref.prompt_tokens)
     assert ref.prompt_tokens > without.prompt_tokens  # the turn is really there
+
+
+def test_a_cpu_actor_decodes_one_row_per_cpu_at_once_while_more_rows_read_their_bytes(tiny_llava, monkeypatch):
+    import threading
+    import time
+
+    import pipeline.preprocess
+    from pipeline.stages import PreprocessStage
+
+    cfg = load_config({"model": {"name": tiny_llava}, "input": {"path": "rows.parquet"}, "resources": {"preprocess_cpus": 2}, "fetch": {"concurrency": 8}})
+    stage = PreprocessStage(cfg.model_dump())
+    lock, running, peaks = threading.Lock(), {"load_bytes": 0, "decode_image": 0}, {"load_bytes": 0, "decode_image": 0}
+
+    def counted(name):
+        real = getattr(pipeline.preprocess, name)
+
+        def call(*args, **kwargs):
+            with lock:
+                running[name] += 1
+                peaks[name] = max(peaks[name], running[name])
+            time.sleep(0.05)
+            with lock:
+                running[name] -= 1
+            return real(*args, **kwargs)
+        return call
+
+    for name in running:
+        monkeypatch.setattr(pipeline.preprocess, name, counted(name))
+    rows = [{"id": i, "image": resized("coffee", 120, 160), "prompt": "hi"} for i in range(8)]
+    prepared = list(stage.pool.map(stage._prepare, rows))  # what __call__ does with a batch's rows
+    assert [p["error"] for p in prepared] == [None] * 8
+    assert peaks["decode_image"] == 2  # one per CPU: PIL releases the GIL, so they do run at once
+    assert peaks["load_bytes"] > 2  # reads of S3 / http(s) images overlap beyond the CPUs

@@ -133,3 +133,25 @@ def test_importing_the_vllm_engine_needs_no_vllm():
     assert vllm_engine.VLLMEngine and vllm_engine.VLLMAsyncEngine
     with pytest.raises(ImportError):
         vllm_engine.VLLMEngine(load_config({"model": {"name": "m"}, "backend": "vllm"}), None)
+
+
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_llava_next"])
+def test_a_phone_photo_decoded_reduced_gives_vllm_the_transformers_backends_tiles(request, family):
+    """vLLM's processor on the working image made from the reduced decode computes the tiles
+    the transformers backend sends (NeXT: the grid; its thumbnail is resampled), and counts the
+    photo's own tokens."""
+    pre = preprocessor(_cfg(request.getfixturevalue(family)))
+    data = resized("coffee", 3024, 4032)
+    decoded = decode_image(data, pre.cfg.limits, pre.pixels.fits)
+    assert decoded.scale == 4
+    prompt = "USER: <image>\nWhat is this? ASSISTANT:"
+    req = encode_for_vllm(pre.checkpoint, "r", prompt, [decoded], pre.pixels)
+    [small] = req.images
+    ours, transformers_tiles = _pixels(pre, Image.fromarray(small)), pre.pixels.tiles(decoded)
+    if pre.family.name == "llava":
+        np.testing.assert_array_equal(ours, transformers_tiles[0])
+    else:
+        np.testing.assert_array_equal(ours[1:], transformers_tiles[1:])
+        assert np.abs(ours[0].astype(int) - transformers_tiles[0].astype(int)).mean() < 1.0
+    full = pre.processor(images=[_pil(data)], text=prompt, return_tensors="np")["input_ids"][0]
+    assert req.prompt_tokens == len(full) and req.image_tokens == int((full == pre.image_token_id).sum())
