@@ -153,9 +153,10 @@ class AnyResPixels:
         canvas = np.zeros((bh, bw, 3), np.uint8)
         top, left = (bh - nh) // 2, (bw - nw) // 2  # the processor pads evenly, any odd pixel at the end
         canvas[top : top + nh, left : left + nw] = d.resized(nh, nw, self.resample)
-        grid = canvas.reshape(bh // p, p, bw // p, p, 3).transpose(0, 2, 4, 1, 3).reshape(-1, 3, p, p)
-        thumb = d.resized(*self.thumb, self.resample).transpose(2, 0, 1)
-        return np.concatenate([thumb[None], grid])
+        out = np.empty((1 + (bh // p) * (bw // p), 3, p, p), np.uint8)
+        out[0] = d.resized(*self.thumb, self.resample).transpose(2, 0, 1)
+        out[1:].reshape(bh // p, bw // p, 3, p, p)[:] = canvas.reshape(bh // p, p, bw // p, p, 3).transpose(0, 2, 4, 1, 3)
+        return out
 
     def working(self, d: Decoded) -> np.ndarray | None:
         """The photo resized into its best resolution: vLLM's processor cuts the same grid tiles

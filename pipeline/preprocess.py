@@ -154,7 +154,7 @@ class Preprocessor:
             prompt=prompt,
             input_ids=input_ids,
             image_tokens=image_tokens,
-            tiles=np.ascontiguousarray(np.concatenate(per_image), dtype=np.uint8),  # [total, 3, 336, 336] uint8
+            tiles=per_image[0] if len(per_image) == 1 else np.concatenate(per_image),  # [total, 3, 336, 336] uint8
             tiles_per_image=[len(t) for t in per_image],
             image_sizes=sizes,
         )
@@ -167,6 +167,7 @@ class Preprocessor:
             pixels = ip(images=[d.image for d in images], return_tensors="np", do_rescale=False, do_normalize=False)["pixel_values"]
         except Exception as e:  # the checkpoint's own processor refused what decoded fine
             raise ImageError(f"the checkpoint's processor cannot take this image: {type(e).__name__}: {e}") from None
+        pixels = pixels.astype(np.uint8, copy=False)
         if pixels.ndim == 4:  # [n_images, 3, H, W]
             return [p[None] for p in pixels]
         # AnyRes: [n_images, max_tiles, 3, H, W], padded to the row's max
