@@ -145,8 +145,9 @@ class PreprocessConfig(_Strict):
     """How the CPU stage turns a photo into what the model sees (README, "Image preprocessing")."""
 
     # false: a large photo is decoded at reduced scale and resized from there (pipeline/pixels.py:
-    # bit-identical up to 2.5x the model's input size, within 1 uint8 level on average above).
-    # true: the checkpoint's processor on the fully decoded photo, bit-identical always, 5-10x slower.
+    # bit-identical under 2.8x the model's input size, within 1 uint8 level on average above).
+    # true: the checkpoint's processor on the fully decoded photo, bit-identical always; a 12 MP
+    # photo then takes 9-10x the CPU (benchmarks/preprocess.py).
     exact: bool = False
 
 
