@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -49,6 +48,8 @@ import pyarrow.dataset as pads  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from pipeline.config import Config, load_config  # noqa: E402
+
+from report import write_report  # noqa: E402  (benchmarks/report.py, beside this script)
 
 logger = logging.getLogger("benchmarks.offline")
 
@@ -519,12 +520,7 @@ def main(argv: list[str] | None = None) -> dict:
         "a_over_c_loop": round(st["rec_per_s"] / c["rec_per_s_loop"], 3),
         "pss_10n_over_n": round(a["10n"]["peak_pss_mb"] / a["n"]["peak_pss_mb"], 3),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
-    logger.info("wrote %s\n\n%s\n", args.out, markdown(report))
-    return report
+    return write_report(report, args.out, markdown)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import os
 import statistics
@@ -49,6 +48,8 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
+
+from report import write_report  # noqa: E402  (benchmarks/report.py, beside this script)
 
 logger = logging.getLogger("benchmarks.preprocess")
 
@@ -278,12 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     unreduced = all(f["bit_identical"] for s in sizes if s["our_scale"] == 1 for f in (s["fidelity"], s["fidelity_hardest"]))
     report["targets"]["unreduced_bit_identical"] = {"value": unreduced, "target": "all", "met": unreduced}
-    text = json.dumps(report, indent=2)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
-    logger.info("wrote %s\n\n%s\n", args.out, markdown(report))
-    return report
+    return write_report(report, args.out, markdown)
 
 
 if __name__ == "__main__":
