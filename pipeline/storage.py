@@ -15,7 +15,10 @@ from .errors import JobError
 def storage_options(storage: StorageConfig, timeout_s: float | None = None) -> dict[str, Any]:
     """s3fs options from the config; credentials absent here come from the AWS environment.
     `timeout_s` bounds each connect and read (botocore's own timeouts; image reads use it)."""
-    opts: dict[str, Any] = {"anon": storage.anonymous}
+    # No listings cache: Ray reuses worker processes (and fsspec reuses filesystem instances), so
+    # a cached listing would outlive the files it lists -- a rerun would miss a checkpoint written
+    # since, or read one that was deleted.
+    opts: dict[str, Any] = {"anon": storage.anonymous, "use_listings_cache": False}
     if timeout_s is not None:
         opts["config_kwargs"] = {"connect_timeout": timeout_s, "read_timeout": timeout_s, "retries": {"max_attempts": 2}}
     if storage.key and storage.secret:

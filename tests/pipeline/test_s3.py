@@ -204,3 +204,23 @@ def test_s3_images_that_cannot_be_read_name_the_url(tiny_llava, s3_endpoint, tmp
     a, b = errors({"endpoint_url": s3_endpoint, "region": "us-east-1"})
     assert a == "image: cannot read s3://no-such-bucket/x.jpg: NoCredentialsError: Unable to locate credentials"
     assert b == f"image: cannot read s3://{BUCKET}/corpus/good1.img: NoCredentialsError: Unable to locate credentials"
+
+
+def test_hand_damaged_s3_output_and_checkpoint_are_reconciled(ray_local, tiny_llava, s3_endpoint, tmp_path):
+    """As on local disk (tests/pipeline/test_exactly_once.py), on S3: the output is the truth."""
+    rows = [{"id": f"r{i}", "image": resized("coffee", 100 + i, 120), "prompt": f"Row {i}?"} for i in range(6)]
+    cfg = load_config({
+        "model": {"name": tiny_llava}, "generation": {"max_new_tokens": 4},
+        "input": {"path": write_parquet(tmp_path / "in.parquet", rows)}, "output": {"path": f"s3://{BUCKET}/damaged/"},
+        "resources": {"rows_per_block": 2, "model_batch_size": 2}, "storage": _storage(s3_endpoint),
+    })
+    fs = _fs(s3_endpoint)
+    out_rows = lambda: sum(pq.read_metadata(fs.open(f, "rb")).num_rows for f in fs.find(f"{BUCKET}/damaged") if f.endswith(".parquet"))  # noqa: E731
+    assert run_job(cfg).rows_ok == 6
+    fs.rm(f"{BUCKET}/damaged.checkpoint", recursive=True)  # checkpoint gone: nothing may run twice
+    assert run_job(cfg).rows_processed == 0 and out_rows() == 6
+    first = sorted(f for f in fs.find(f"{BUCKET}/damaged") if f.endswith(".parquet"))[0]
+    lost = pq.read_metadata(fs.open(first, "rb")).num_rows
+    fs.rm(first)  # one data file gone: exactly its rows again
+    assert run_job(cfg).rows_processed == lost and out_rows() == 6
+    assert not fs.exists(f"{BUCKET}/damaged.lease")  # released
