@@ -108,27 +108,18 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
     finally:
         ctx.checkpoint_config = None
     seconds = time.perf_counter() - start
-    summary = summarize(cfg, before, progress.run, seconds, plan.dropped_duplicates)
-    record = manifest.entry(cfg, checkpoint, started, seconds, _merged(before, progress.run), progress.run, summary.backend)
+    whole = before + progress.run
+    summary = summarize(cfg, whole, progress.run, seconds, plan.dropped_duplicates)
+    record = manifest.entry(cfg, checkpoint, started, seconds, whole, progress.run, summary.backend)
     summary.manifest = manifest.append(cfg, record)
     if cfg.observability.metrics_port:  # one more export, so a scrape sees the final counts
         time.sleep(2 * METRICS_REPORT_S)
     return summary
 
 
-def _merged(a: Tally, b: Tally) -> Tally:
-    whole = Tally(files=a.files + b.files)
-    whole.rows, whole.failed = a.rows + b.rows, a.failed + b.failed
-    whole.by_kind = a.by_kind + b.by_kind
-    whole.prompt_tokens, whole.image_tokens = a.prompt_tokens + b.prompt_tokens, a.image_tokens + b.image_tokens
-    whole.generated_tokens = a.generated_tokens + b.generated_tokens
-    return whole
-
-
-def summarize(cfg: Config, before: Tally, run: Tally, seconds: float, dropped: int) -> JobSummary:
+def summarize(cfg: Config, whole: Tally, run: Tally, seconds: float, dropped: int) -> JobSummary:
     """Totals over the whole output; rates over the files this run wrote (a resumed run's
     earlier files are not its work)."""
-    whole = _merged(before, run)
     labels = output_rows(cfg.output.path, cfg.storage, ["model", "backend"], run.files)
     ran = labels.filter(pc.is_valid(labels.column("backend"))).slice(0, 1).to_pylist()
     return JobSummary(

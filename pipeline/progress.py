@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from .config import Config
 from .metrics import GENERATED_TOKENS, IMAGE_TOKENS, PROMPT_TOKENS, ROWS, metric
-from .storage import fsspec_fs, output_files, parquet_dataset
+from .storage import output_files, output_rows
 
 logger = logging.getLogger(__name__)
 
@@ -39,41 +39,33 @@ class Tally:
     def ok(self) -> int:
         return self.rows - self.failed
 
-    def add(self, table) -> "Tally":
-        """Count a table of output rows (COLUMNS) into this tally; returns the table's own tally."""
+    def __add__(self, other: "Tally") -> "Tally":
+        return Tally(self.rows + other.rows, self.failed + other.failed, self.by_kind + other.by_kind,
+                     self.prompt_tokens + other.prompt_tokens, self.image_tokens + other.image_tokens,
+                     self.generated_tokens + other.generated_tokens, self.files + other.files)
+
+    @classmethod
+    def of(cls, table) -> "Tally":
+        """The tally of a table of output rows (COLUMNS)."""
         errors = pc.is_valid(table.column("error"))
-        kinds = Counter(k or "unknown" for k in table.filter(errors).column("error_kind").to_pylist()) if "error_kind" in table.schema.names else Counter()
-        part = Tally(
+        kinds = table.filter(errors).column("error_kind").to_pylist() if "error_kind" in table.schema.names else []
+        return cls(
             rows=table.num_rows,
             failed=int(pc.sum(errors.cast("int64")).as_py() or 0),
-            by_kind=kinds,
+            by_kind=Counter(k or "unknown" for k in kinds),
             prompt_tokens=int(pc.sum(table.column("prompt_tokens")).as_py() or 0),
             image_tokens=int(pc.sum(table.column("image_tokens")).as_py() or 0),
             generated_tokens=int(pc.sum(table.column("completion_tokens")).as_py() or 0),
         )
-        self.rows += part.rows
-        self.failed += part.failed
-        self.by_kind.update(part.by_kind)
-        self.prompt_tokens += part.prompt_tokens
-        self.image_tokens += part.image_tokens
-        self.generated_tokens += part.generated_tokens
-        return part
-
-
-def _columns(cfg: Config, files: list[str]):
-    """The tally's columns of `files`; outputs written before `error_kind` existed lack it."""
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    fs, _ = fsspec_fs(cfg.output.path, cfg.storage)
-    dataset = parquet_dataset(files, PyFileSystem(FSSpecHandler(fs)))
-    return dataset.to_table(columns=[c for c in COLUMNS if c in dataset.schema.names])
 
 
 def tally(cfg: Config, files: list[str]) -> Tally:
-    t = Tally(files=list(files))
-    if files:
-        t.add(_columns(cfg, files))
-    return t
+    """The tally of these committed output files."""
+    if not files:
+        return Tally()
+    counted = Tally.of(output_rows(cfg.output.path, cfg.storage, COLUMNS, files))
+    counted.files = list(files)
+    return counted
 
 
 def _duration(seconds: float) -> str:
@@ -101,8 +93,8 @@ class Progress:
         """Count files committed since the last poll; the progress line."""
         new = [f for f in output_files(self.cfg.output.path, self.cfg.storage) if f not in self.seen]
         if new:
-            part = self.run.add(_columns(self.cfg, new))
-            self.run.files.extend(new)
+            part = tally(self.cfg, new)
+            self.run += part
             self.seen.update(new)
             if self.record_metrics:
                 self._record(part)

@@ -123,11 +123,13 @@ def output_files(url: str, storage: StorageConfig) -> list[str]:
 
 
 def output_rows(url: str, storage: StorageConfig, columns: list[str], files: list[str] | None = None):
-    """The job's output (or the given files of it) as a pyarrow Table; empty when there is none."""
+    """`columns` of the job's output (or of the given files of it) as a pyarrow Table; empty when
+    there is none. Columns the files lack (older outputs have no `error_kind`) are left out."""
     import pyarrow as pa
 
     fs, _ = fsspec_fs(url, storage)
     files = output_files(url, storage) if files is None else files
     if not files:
         return pa.table({c: pa.array([], pa.int64()) for c in columns})
-    return parquet_dataset(files, PyFileSystem(FSSpecHandler(fs))).to_table(columns=columns)
+    dataset = parquet_dataset(files, PyFileSystem(FSSpecHandler(fs)))
+    return dataset.to_table(columns=[c for c in columns if c in dataset.schema.names])
