@@ -37,20 +37,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.families import family_spec  # noqa: E402
+from pipeline.layouts import CLIP_336, NEXT_PINPOINTS, layout  # noqa: E402
+
 logger = logging.getLogger("bench")
 
 NEW_TOKENS = 64
 VOCAB = 32064  # llava-hf's vocabularies: 32000 text tokens + <image> + <pad>, padded to 64
-VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-ARCHS: dict[str, dict[str, Any]] = {
-    "llava-1.5-7b": dict(family="llava", text=dict(
-        model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, max_position_embeddings=4096, rope_theta=10000.0)),
-    "llava-v1.6-mistral-7b": dict(family="llava_next", text=dict(
-        model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=32768, rope_theta=1e6, sliding_window=None)),
-}
+# The two layouts benchmarked, at full size (pipeline/layouts.py: the real configs).
+ARCHS = {name: layout(name) for name in ("llava-1.5-7b", "llava-v1.6-mistral-7b")}
+VISION = CLIP_336
 # The same engine settings for a, b and c.
 ENGINE = dict(max_model_len=4096, gpu_memory_utilization=0.9, max_num_seqs=256, enable_prefix_caching=True,
               mm_processor_cache_gb=4.0, enforce_eager=False, load_format="dummy")
@@ -67,31 +63,25 @@ PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16 FLOP/s, SXM
 def build_model_dir(name: str, out: Path) -> Path:
     import transformers as tf
 
-    from pipeline.families import family_spec
     from pipeline.tiny import llava_config, llava_processor, train_tokenizer
 
     if (out / "config.json").is_file():
         return out
-    arch = ARCHS[name]
-    spec = family_spec(arch["family"])
-    tokenizer = train_tokenizer(512)
+    spec = ARCHS[name]
+    tokenizer = train_tokenizer(512, spec)
     # Random weights can emit any id: every id of the model's vocabulary must decode.
     tokenizer.add_tokens([f"<|w{i}|>" for i in range(VOCAB - len(tokenizer))])
     assert len(tokenizer) == VOCAB
-    text = dict(arch["text"])
-    text_cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig}[text.pop("model_type")]
-    text_config = text_cls(**text, vocab_size=VOCAB, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id)
-    config = llava_config(spec, tokenizer, text_config, tf.CLIPVisionConfig(**VISION))
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text_config = dict(spec.text, vocab_size=VOCAB, tie_word_embeddings=False, **ids)
+    config = llava_config(spec, tokenizer, text_config, dict(VISION))
     processor = llava_processor(spec, tokenizer)
-    config.architectures = [spec.model_class]
+    config.architectures = [family_spec(spec.family).model_class]
     config.dtype = "bfloat16"
     tmp = out.with_name(out.name + ".tmp")
     config.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    tf.GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id, do_sample=False).save_pretrained(tmp)
+    tf.GenerationConfig(**ids, do_sample=False).save_pretrained(tmp)
     tmp.rename(out)
     return out
 
@@ -291,9 +281,7 @@ def tiles_per_row(name: str, rows_path: Path) -> list[int]:
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from pipeline.tiny import NEXT_PINPOINTS
-
-    if ARCHS[name]["family"] == "llava":
+    if ARCHS[name].family == "llava":
         return [1] * pq.read_metadata(rows_path).num_rows
     from transformers.image_processing_utils import select_best_resolution
 
@@ -307,7 +295,7 @@ def tiles_per_row(name: str, rows_path: Path) -> list[int]:
 
 def linear_params(name: str) -> tuple[int, int]:
     """(weights of the language model's matmuls incl. lm_head, weights of one CLIP layer)."""
-    t = ARCHS[name]["text"]
+    t = ARCHS[name].text
     d, ff, layers = t["hidden_size"], t["intermediate_size"], t["num_hidden_layers"]
     kv = d * t["num_key_value_heads"] // t["num_attention_heads"]
     dv, ffv = VISION["hidden_size"], VISION["intermediate_size"]
@@ -318,7 +306,7 @@ def model_flops(name: str, prompt_tokens: list[int], tiles: list[int], new_token
     """Matmul FLOPs of the rows: 2 x weights x tokens for every linear layer (LM incl. lm_head,
     projector, the 23 CLIP layers vLLM runs for feature layer -2) plus attention scores and
     values (causal prefill 2*d*L^2 per layer, decode 4*d*pos per token per layer)."""
-    t = ARCHS[name]["text"]
+    t = ARCHS[name].text
     d, layers = t["hidden_size"], t["num_hidden_layers"]
     lm, clip_layer = linear_params(name)
     dv, vt = VISION["hidden_size"], (VISION["image_size"] // VISION["patch_size"]) ** 2 + 1
@@ -353,7 +341,7 @@ def run(args) -> None:
     rows_path = build_rows(args.rows, work / f"rows-{args.rows}.parquet")
     import torch
 
-    result = dict(model=args.model, arch=ARCHS[args.model], gpu=torch.cuda.get_device_name(0), rows=args.rows,
+    result = dict(model=args.model, arch=ARCHS[args.model].text, gpu=torch.cuda.get_device_name(0), rows=args.rows,
                   hf_rows=args.hf_rows, new_tokens=NEW_TOKENS, engine=ENGINE, versions=_versions(), systems={})
     out = Path(args.out)
     for key in args.systems.split(","):

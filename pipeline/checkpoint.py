@@ -13,6 +13,7 @@ from typing import Any
 from .config import ModelConfig
 from .errors import ConfigError
 from .families import FAMILIES, PRESETS, FamilySpec, family_spec
+from .image_facts import ImageFacts
 
 
 def resolve_model_name(name: str) -> str:
@@ -35,15 +36,6 @@ def _family(model: ModelConfig, model_type: str) -> FamilySpec:
     raise ConfigError("model.name", f"{model.name!r} is a {model_type!r} checkpoint; llava-ray runs {known}")
 
 
-def _max_image_tokens(processor) -> int:
-    """The most tokens one image can take: a NeXT image the shape of its largest pinpoint
-    (2928 for the 336-px CLIP tower), a LLaVA-1.5 image always 576."""
-    ip = processor.image_processor
-    pinpoints = getattr(ip, "image_grid_pinpoints", None)
-    sizes = [tuple(p) for p in pinpoints] if pinpoints else [(ip.crop_size["height"], ip.crop_size["width"])]
-    return max(processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens)
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -59,7 +51,11 @@ class Checkpoint:
     processor: Any  # the checkpoint's own processor: tokenizer, image processor, chat template
     context_len: int  # the text model's max_position_embeddings
     image_token_id: int
-    max_image_tokens: int
+    images: ImageFacts  # what the image processor does: sizes, crop, pinpoints, tokens per image
+
+    @property
+    def max_image_tokens(self) -> int:
+        return self.images.max_tokens
 
     @classmethod
     def load(cls, model: ModelConfig) -> "Checkpoint":
@@ -86,5 +82,5 @@ class Checkpoint:
             processor=processor,
             context_len=config.text_config.max_position_embeddings,
             image_token_id=config.image_token_index,
-            max_image_tokens=_max_image_tokens(processor),
+            images=ImageFacts.read(processor, family.name, model.name),
         )

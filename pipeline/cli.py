@@ -8,6 +8,9 @@ import sys
 
 from .config import Config, load_config
 from .errors import ERROR_KINDS, ConfigError, JobError
+from .layouts import LAYOUTS
+
+TINY_LAYOUTS = {"llava", "llava-next", *(spec.short_name for spec in LAYOUTS.values())}
 
 EXIT_CONFIG = 2
 
@@ -32,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", default="configs/demo.yaml")
     tiny = sub.add_parser("tiny-model", help="build a tiny random LLaVA / LLaVA-NeXT checkpoint")
     tiny.add_argument("dir")
-    tiny.add_argument("--family", choices=["llava", "llava-next"], default="llava")
+    tiny.add_argument("--layout", choices=sorted(TINY_LAYOUTS), default="llava-1.5-7b",
+                      help="the checkpoint layout to build (pipeline/layouts.py); llava / llava-next: the family's default")
     tiny.add_argument("--hidden", type=int, default=64, help="text/vision width (multiples of 64 for bitsandbytes)")
     tiny.add_argument("--layers", type=int, default=2)
     return p
@@ -105,15 +109,19 @@ def _check(args) -> int:
     from .checks import check_environment
 
     cfg = load_config(args.config, args.set)
-    check_environment(cfg)
+    checkpoint = check_environment(cfg)
     print(f"ok: {args.config} ({cfg.backend}, model {cfg.model.name})")
+    images = checkpoint.images
+    print(f"family: {checkpoint.family.name}  image processor: {images.describe()}")
+    per_image = f"{images.max_tokens}" if not images.anyres else f"up to {images.max_tokens} (AnyRes, by image size)"
+    print(f"image tokens per image: {per_image}  context: {checkpoint.context_len} tokens")
     return 0
 
 
 def _tiny(args) -> int:
     from .tiny import build_tiny_checkpoint
 
-    out = build_tiny_checkpoint(args.dir, args.family.replace("-", "_"), text_hidden=args.hidden, vision_hidden=args.hidden, layers=args.layers)
+    out = build_tiny_checkpoint(args.dir, args.layout, text_hidden=args.hidden, vision_hidden=args.hidden, layers=args.layers)
     print(f"wrote {out}")
     return 0
 

@@ -30,6 +30,10 @@ PRESETS: dict[str, str] = {
     "llava-v1.6-vicuna-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
     "llava-v1.6-vicuna-13b": "llava-hf/llava-v1.6-vicuna-13b-hf",
     "llava-v1.6-34b": "llava-hf/llava-v1.6-34b-hf",
+    "llava-interleave-qwen-0.5b": "llava-hf/llava-interleave-qwen-0.5b-hf",
+    "llava-interleave-qwen-7b": "llava-hf/llava-interleave-qwen-7b-hf",
+    "llama3-llava-next-8b": "llava-hf/llama3-llava-next-8b-hf",
+    "llava-next-72b": "llava-hf/llava-next-72b-hf",
 }
 
 

@@ -14,8 +14,10 @@ whole photo onto the same output pixels (`Decoded.box`).
   (tests/pipeline/test_pixels.py; benchmarks/preprocess.py). Sizes come from the photo's own
   size (`Decoded.size`), so the token count and the model's AnyRes unpadding are unchanged.
 
-`pixels_for` returns None for an image processor whose steps this module does not reproduce; the
-Preprocessor then runs that processor on the full image, as `preprocess.exact: true` does.
+Both classes read the processor through `ImageFacts` (pipeline/image_facts.py), the one place
+that knows each processor class. `pixels_for` returns None for settings whose steps this module
+does not reproduce; the Preprocessor then runs that processor on the full image, as
+`preprocess.exact: true` does.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 from PIL import Image
+
+from .image_facts import ImageFacts
 
 logger = logging.getLogger(__name__)
 
@@ -69,21 +73,20 @@ class LlavaPixels:
     """LLaVA-1.5 (CLIP 336, SigLIP 384): resize (shortest edge, or a fixed height x width), then an
     optional centre crop: one tile, [1, 3, H, W]. The vLLM working image is that tile itself."""
 
-    def __init__(self, processor: Any):
-        ip = processor.image_processor
-        self.resample = ip.resample
-        self.size = ip.size
-        self.crop = (ip.crop_size["height"], ip.crop_size["width"]) if ip.do_center_crop else None
+    def __init__(self, facts: ImageFacts):
+        self.facts = facts
+        self.resample = facts.resample
+        self.crop = facts.crop
 
     def resized(self, size: Size) -> Size:
         """The size the processor resizes a `size` image to."""
-        if self.size.get("shortest_edge"):
+        if self.facts.shortest_edge:
             from transformers.image_transforms import get_resize_output_image_size
             from transformers.image_utils import ChannelDimension
 
             shape_only = np.broadcast_to(np.uint8(0), (*size, 3))  # only its shape is read
-            return tuple(get_resize_output_image_size(shape_only, self.size["shortest_edge"], default_to_square=False, input_data_format=ChannelDimension.LAST))
-        return (self.size["height"], self.size["width"])
+            return tuple(get_resize_output_image_size(shape_only, self.facts.shortest_edge, default_to_square=False, input_data_format=ChannelDimension.LAST))
+        return self.facts.resize_to
 
     def fits(self, size: Size, reduced: Size) -> bool:
         return _fits_margin(reduced, self.resized(size))
@@ -109,20 +112,17 @@ class AnyResPixels:
     """LLaVA-NeXT: the photo resized into its best pinpoint resolution, padded and cut into
     patch x patch tiles, after a thumbnail of the whole photo: [1 + rows * cols, 3, p, p]."""
 
-    def __init__(self, processor: Any):
-        ip = processor.image_processor
-        self.processor = processor
-        self.resample = ip.resample
-        self.pinpoints = ip.image_grid_pinpoints
-        self.patch = ip.crop_size["height"]
-        self.thumb = self.thumbnail(ip.size)
+    def __init__(self, facts: ImageFacts):
+        self.facts = facts
+        self.resample = facts.resample
+        self.pinpoints = [list(p) for p in facts.pinpoints]
+        self.patch = facts.tile[0]
+        self.thumb = self.thumbnail(facts)
 
     @staticmethod
-    def thumbnail(size: Any) -> Size:
-        """The thumbnail's size, as the processor reads it from `size`."""
-        if size.get("height") and size.get("width"):
-            return (size["height"], size["width"])
-        return (size["shortest_edge"], size["shortest_edge"])
+    def thumbnail(facts: ImageFacts) -> Size:
+        """The thumbnail's size, as the processor reads it from its `size`."""
+        return facts.resize_to or (facts.shortest_edge, facts.shortest_edge)
 
     def plan(self, size: Size) -> tuple[Size, Size]:
         """(best resolution, the size the photo is resized to inside it), as the processor chooses."""
@@ -134,7 +134,7 @@ class AnyResPixels:
         return best, tuple(get_patch_output_size(shape_only, best, ChannelDimension.LAST))
 
     def tokens(self, sizes: list[Size]) -> list[int]:
-        return self.processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+        return self.facts.tokens(sizes)
 
     def fits(self, size: Size, reduced: Size) -> bool:
         """Besides the margin: a reduced image that vLLM gets as is (see `working`) must make its
@@ -178,42 +178,32 @@ class AnyResPixels:
 
 Pixels = LlavaPixels | AnyResPixels
 
-# The image processors whose steps these classes reproduce: transformers' PIL backends (the
-# reference: bit-identical, tested) and their torchvision twins (same geometry; torchvision's
-# own bicubic differs from PIL's by its antialiasing).
-_REPRODUCED = {
-    "llava": (LlavaPixels, {"CLIPImageProcessor", "CLIPImageProcessorPil", "SiglipImageProcessor", "SiglipImageProcessorPil"}),
-    "llava_next": (AnyResPixels, {"LlavaNextImageProcessor", "LlavaNextImageProcessorPil"}),
-}
 
 
-def _why_not(family: str, ip: Any) -> str | None:
-    """Why `ip`'s steps are not the ones reproduced here, or None if they are."""
-    cls, names = _REPRODUCED[family]
-    if type(ip).__name__ not in names:
-        return f"{type(ip).__name__} is not one of {sorted(names)}"
-    if not ip.do_resize or not isinstance(ip.resample, int):
-        return f"it does not resize with a PIL filter (do_resize={ip.do_resize}, resample={ip.resample!r})"
-    size, crop = ip.size, (ip.crop_size["height"], ip.crop_size["width"]) if ip.do_center_crop else None
-    if size.get("longest_edge") or not (size.get("shortest_edge") or (size.get("height") and size.get("width"))):
-        return f"size {dict(size)} is neither a shortest edge nor a height x width"
-    if cls is LlavaPixels:
-        smallest = (size["shortest_edge"],) * 2 if size.get("shortest_edge") else (size["height"], size["width"])
-        if getattr(ip, "do_pad", None) or crop and (crop[0] > smallest[0] or crop[1] > smallest[1]):
+def _why_not(facts: ImageFacts) -> str | None:
+    """Why the processor's steps are not the ones reproduced here, or None if they are. (Every
+    class ImageFacts knows is reproduced: the PIL backends bit-identically, tested; their
+    torchvision twins with the same geometry, whose own bicubic differs from PIL's by its
+    antialiasing.)"""
+    if not facts.do_resize or not isinstance(facts.resample, int):
+        return f"it does not resize with a PIL filter (do_resize={facts.do_resize}, resample={facts.resample!r})"
+    if not facts.anyres:
+        smallest = (facts.shortest_edge,) * 2 if facts.shortest_edge else facts.resize_to
+        if facts.do_pad or facts.crop and (facts.crop[0] > smallest[0] or facts.crop[1] > smallest[1]):
             return "it pads"
         return None
-    p = ip.crop_size["height"]
-    if crop != (p, p) or AnyResPixels.thumbnail(size) != (p, p) or (size.get("shortest_edge") or p) != p:
+    p = facts.tile[0]
+    if facts.crop != (p, p) or AnyResPixels.thumbnail(facts) != (p, p):
         return "its tiles are resized or cropped again after tiling"
-    if any(h % p or w % p for h, w in ip.image_grid_pinpoints):
+    if any(h % p or w % p for h, w in facts.pinpoints):
         return f"a pinpoint is not a multiple of the {p}-pixel tile"
     return None
 
 
-def pixels_for(family: str, processor: Any) -> Pixels | None:
-    """The fast path for this checkpoint's processor, or None (then: the processor, full size)."""
-    why = _why_not(family, processor.image_processor)
+def pixels_for(facts: ImageFacts) -> Pixels | None:
+    """The fast path for this checkpoint's image processor, or None (then: the processor, full size)."""
+    why = _why_not(facts)
     if why:
         logger.info("images are processed at full size by the checkpoint's processor: %s", why)
         return None
-    return _REPRODUCED[family][0](processor)
+    return AnyResPixels(facts) if facts.anyres else LlavaPixels(facts)

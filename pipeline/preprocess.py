@@ -104,7 +104,7 @@ class Preprocessor:
         # characters cannot fit, and is refused before tokenising (a 25 MB prompt costs seconds).
         longest = max(len(t) for t in self.processor.tokenizer.get_vocab())
         self.max_text_chars = self.context_len * longest
-        self.pixels = None if cfg.preprocess.exact else pixels_for(self.family.name, self.processor)
+        self.pixels = None if cfg.preprocess.exact else pixels_for(checkpoint.images)
         self.cpu = threading.BoundedSemaphore(threads) if threads else contextlib.nullcontext()
 
     def prepare(self, record: Record, max_new_tokens: int | None = None) -> PreparedRequest:
@@ -173,7 +173,8 @@ class Preprocessor:
         # AnyRes: [n_images, max_tiles, 3, H, W], padded to the row's max
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-        counts = [image_size_to_num_patches(d.size, ip.image_grid_pinpoints, ip.crop_size["height"]) for d in images]
+        facts = self.checkpoint.images
+        counts = [image_size_to_num_patches(d.size, [list(p) for p in facts.pinpoints], facts.tile[0]) for d in images]
         return [pixels[i, :n] for i, n in enumerate(counts)]
 
     def _check_length(self, request: PreparedRequest, max_new_tokens: int) -> None:

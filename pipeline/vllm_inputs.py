@@ -25,8 +25,8 @@ object store and vLLM's frontend as ~1 MB instead of 9 MB.
 - `preprocess.exact: true` sends every image as decoded at full size: vLLM's processor then
   sees exactly the model card's input.
 
-Token counts come from the processor's `_get_num_multimodal_tokens` (the helper transformers
-keeps for vLLM) and one tokenizer call, not a second image pass: `input_ids` are the text's ids
+Token counts come from the checkpoint's `ImageFacts.tokens` (the processor's own expansion rule,
+pipeline/image_facts.py) and one tokenizer call, not a second image pass: `input_ids` are the text's ids
 with each `<image>` repeated to its feature count, which is what the processor produces
 (checked in tests) and what the Preprocessor's context-length check needs.
 """
@@ -65,7 +65,7 @@ def expanded_ids(checkpoint: Checkpoint, prompt: str, sizes: list[tuple[int, int
             f"{len(slots)} image placeholders for {len(sizes)} image(s); "
             f"the text must not contain the image token {processor.image_token!r}"
         )
-    counts = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+    counts = checkpoint.images.tokens(sizes)
     repeats = np.ones(len(ids), dtype=np.int64)
     repeats[slots] = counts
     return np.repeat(ids, repeats), int(sum(counts))

@@ -100,7 +100,7 @@ def test_code_points_to_nothing_outside_the_repository():
 # package's modules, for pipeline.engines).
 LAYERS = {
     "pipeline.errors": 0,
-    "pipeline.config": 1, "pipeline.families": 1, "pipeline.metrics": 1,
+    "pipeline.config": 1, "pipeline.families": 1, "pipeline.metrics": 1, "pipeline.layouts": 1, "pipeline.image_facts": 1,
     "pipeline.storage": 2, "pipeline.fetch": 2, "pipeline.tiny": 2, "pipeline.cluster": 2, "pipeline.pixels": 2,
     "pipeline.checkpoint": 3, "pipeline.images": 3, "pipeline.records": 3, "pipeline.lease": 3, "pipeline.progress": 3, "pipeline.manifest": 4,
     "pipeline.vllm_inputs": 4, "pipeline.engines": 4,

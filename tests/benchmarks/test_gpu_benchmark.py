@@ -27,7 +27,7 @@ def test_model_dir_is_the_real_architecture_without_weights(tmp_path, name, imag
     model_dir = gpu.build_model_dir(name, tmp_path / name)
     assert not list(model_dir.glob("*.safetensors"))
     config = tf.AutoConfig.from_pretrained(model_dir)
-    text = gpu.ARCHS[name]["text"]
+    text = gpu.ARCHS[name].text
     assert config.text_config.model_type == text["model_type"]
     assert (config.text_config.hidden_size, config.text_config.num_hidden_layers, config.text_config.num_key_value_heads) == (
         text["hidden_size"], text["num_hidden_layers"], text["num_key_value_heads"])

@@ -40,7 +40,7 @@ def test_cuda_device_without_a_gpu_is_a_config_error(tiny_llava):
 
 
 def test_tiny_model_cli_builds_a_loadable_checkpoint(tmp_path):
-    res = cli("tiny-model", str(tmp_path / "ck"), "--family", "llava-next")
+    res = cli("tiny-model", str(tmp_path / "ck"), "--layout", "llava-next")
     assert res.returncode == 0, res.stderr
     cfg = tf.AutoConfig.from_pretrained(tmp_path / "ck")
     assert cfg.model_type == "llava_next" and cfg.vision_config.image_size == 336 and cfg.vision_config.patch_size == 14
