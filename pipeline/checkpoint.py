@@ -14,6 +14,7 @@ from .config import ModelConfig
 from .errors import ConfigError
 from .families import FAMILIES, PRESETS, FamilySpec, family_spec
 from .image_facts import ImageFacts
+from .layouts import matching
 
 
 def resolve_model_name(name: str) -> str:
@@ -36,6 +37,14 @@ def _family(model: ModelConfig, model_type: str) -> FamilySpec:
     raise ConfigError("model.name", f"{model.name!r} is a {model_type!r} checkpoint; llava-ray runs {known}")
 
 
+def _max_images(family: FamilySpec, config: Any) -> int:
+    """From the checkpoint, not the family alone: LLaVA with a SigLIP tower and a Qwen2 text model
+    (llava-interleave) was trained on several images per conversation, LLaVA-1.5 on one."""
+    known = matching(family.name, config.text_config.model_type, config.vision_config.model_type,
+                     config.vision_feature_select_strategy)
+    return known.max_images if known and known.max_images else family.max_images_per_prompt
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -52,6 +61,7 @@ class Checkpoint:
     context_len: int  # the text model's max_position_embeddings
     image_token_id: int
     images: ImageFacts  # what the image processor does: sizes, crop, pinpoints, tokens per image
+    max_images: int  # images one prompt may hold: the layout's (llava-interleave: 8), else the family's
 
     @property
     def max_image_tokens(self) -> int:
@@ -83,4 +93,5 @@ class Checkpoint:
             context_len=config.text_config.max_position_embeddings,
             image_token_id=config.image_token_index,
             images=ImageFacts.read(processor, family.name, model.name),
+            max_images=_max_images(family, config),
         )

@@ -114,6 +114,7 @@ class Layout:
     vision_feature_select_strategy: str = "default"
     vision_feature_layer: int = -2
     num_additional_image_tokens: int = 1  # CLIP's CLS; SigLIP has none
+    max_images: int | None = None  # images one prompt may hold; None: the family's (pipeline/families.py)
     extra: dict[str, Any] = field(default_factory=dict)  # other top-level config keys
 
     @property
@@ -134,6 +135,7 @@ LAYOUTS: dict[str, Layout] = {layout.hub_id: layout for layout in [
              use_sliding_window=False),
         SIGLIP_384, SIGLIP_PROCESSOR, _INTERLEAVE, QWEN_TOKENS,
         vision_feature_select_strategy="full", vision_feature_layer=-1, num_additional_image_tokens=0,
+        max_images=8,  # trained on interleaved multi-image conversations (LLaVA-1.5 on one image)
     ),
     Layout(
         "llava-hf/llava-v1.6-mistral-7b-hf", "llava_next",
@@ -168,6 +170,15 @@ LAYOUTS: dict[str, Layout] = {layout.hub_id: layout for layout in [
 ]}
 
 DEFAULT_LAYOUTS = {"llava": "llava-hf/llava-1.5-7b-hf", "llava_next": "llava-hf/llava-v1.6-mistral-7b-hf"}
+
+
+def matching(family: str, text_type: str, vision_type: str, strategy: str) -> Layout | None:
+    """The layout a checkpoint has by its structure (config.json), or None for one not listed."""
+    for item in LAYOUTS.values():
+        if (item.family, item.text["model_type"], item.vision["model_type"], item.vision_feature_select_strategy) == (
+                family, text_type, vision_type, strategy):
+            return item
+    return None
 
 
 def layout(name: str) -> Layout:

@@ -99,7 +99,7 @@ class Preprocessor:
         if cfg.backend == "vllm":  # vLLM refuses longer prompts: reject them here, per row
             self.context_len = min(self.context_len, cfg.vllm.max_model_len)
         self.image_token_id = checkpoint.image_token_id
-        self.max_images = min(self.family.max_images_per_prompt, cfg.limits.max_images_per_row)
+        self.max_images = min(checkpoint.max_images, cfg.limits.max_images_per_row)
         # No token is longer than the vocabulary's longest: text beyond context x that many
         # characters cannot fit, and is refused before tokenising (a 25 MB prompt costs seconds).
         longest = max(len(t) for t in self.processor.tokenizer.get_vocab())

@@ -59,8 +59,8 @@ def _vllm_cfg(ckpt, **extra):
         ({"vllm": {"limit_mm_per_prompt": 1}},
          "vllm.limit_mm_per_prompt: 1, but rows may hold 4 images (llava_next, limits.max_images_per_row=4); "
          "set vllm.limit_mm_per_prompt=4 or limits.max_images_per_row=1"),
-        ({"vllm": {"max_model_len": 8192}},
-         "vllm.max_model_len: 8192 exceeds the model's context of 4096 tokens; set vllm.max_model_len=4096 or less"),
+        ({"vllm": {"max_model_len": 40000}},  # Mistral's 32768, as llava-v1.6-mistral-7b's config says
+         "vllm.max_model_len: 40000 exceeds the model's context of 32768 tokens; set vllm.max_model_len=32768 or less"),
         ({"vllm": {"max_model_len": 2048}},
          "vllm.max_model_len: 2048 cannot hold one llava_next image (2928 tokens at most) + "
          "generation.max_new_tokens=16; set vllm.max_model_len to at least 2944 plus the prompt's text, "

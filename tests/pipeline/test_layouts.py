@@ -123,3 +123,27 @@ def test_a_job_and_an_endpoint_request_on_each_layout_equal_transformers(ray_loc
             assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (ref.prompt_tokens, ref.completion_tokens)
     finally:
         serve.delete(APP_NAME)
+
+
+def test_llava_interleave_takes_several_images_in_one_row_and_llava_1_5_one(checkpoints):
+    """The per-row image limit comes from the checkpoint: llava-interleave (LLaVA with SigLIP and
+    Qwen2) answers a row of three images as transformers does; LLaVA-1.5 keeps one."""
+    from pipeline.records import Record
+    from tests.conftest import hf_engine, preprocessor
+
+    images = [ROWS[k][0] for k in ("astronaut", "chelsea", "rocket")]
+    prompt = "What do these three pictures have in common?"
+    cfg = load_config({"model": {"name": checkpoints["llava-interleave-qwen-0.5b"]}, "generation": {"max_new_tokens": MAX_NEW}})
+    pre = preprocessor(cfg)
+    assert pre.max_images == 4  # the checkpoint's 8, capped by limits.max_images_per_row
+    [result] = hf_engine(cfg).generate([pre.prepare(Record(id="three", images=images, prompt=prompt))], cfg.generation)
+    ref = reference(cfg.model.name, images, prompt, MAX_NEW)
+    assert (result.text, result.prompt_tokens, result.image_tokens, result.completion_tokens) == (
+        ref.text, ref.prompt_tokens, ref.image_tokens, ref.completion_tokens)
+    assert ref.image_tokens == 3 * 729
+
+    one = preprocessor(load_config({"model": {"name": checkpoints["llava-1.5-7b"]}}))
+    from pipeline.errors import LimitsError
+
+    with pytest.raises(LimitsError, match=r"^image: 2 images in one row; llava takes at most 1 "):
+        one.prepare(Record(id="two", images=images[:2], prompt=prompt))
