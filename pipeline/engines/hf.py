@@ -46,6 +46,18 @@ def backend_label(cfg: Config, dtype: str) -> str:
     return label
 
 
+def normalised_levels(image_processor) -> np.ndarray:
+    """[3, 256] float32: each uint8 level of each channel rescaled and normalised by the
+    processor's own functions. Looking tiles up here gives its pixel_values to the bit (its
+    float64 rescale included), where a float32 rescale on the device differs in the last bits
+    -- enough to flip near-ties once a 4-bit model computes in bfloat16."""
+    levels = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256))
+    rescaled = image_processor.rescale(levels, image_processor.rescale_factor, input_data_format="channels_first")
+    normed = image_processor.normalize(rescaled, image_processor.image_mean, image_processor.image_std,
+                                       input_data_format="channels_first")
+    return np.ascontiguousarray(normed[:, 0, :], dtype=np.float32)
+
+
 class HFEngine(EngineLabels):
     """Loads the weights once; `generate` runs a batch, falling back to rows on a batch error."""
 
@@ -74,11 +86,7 @@ class HFEngine(EngineLabels):
             device_map={"": self.device},
         )
         self.model.eval()
-        ip = self.processor.image_processor
-        shape = (1, 3, 1, 1)
-        self._mean = torch.tensor(ip.image_mean, dtype=torch.float32, device=self.device).view(shape)
-        self._std = torch.tensor(ip.image_std, dtype=torch.float32, device=self.device).view(shape)
-        self._rescale = float(ip.rescale_factor)
+        self._levels = torch.from_numpy(normalised_levels(self.processor.image_processor)).to(self.device)
         self.eos_ids = set(np.atleast_1d(self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id).tolist())
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         super().__init__(checkpoint.name, backend_label(cfg, self.dtype))
@@ -101,7 +109,8 @@ class HFEngine(EngineLabels):
                 per_image.append(r.tiles[start : start + n])
                 start += n
         tiles = torch.from_numpy(np.concatenate([t for t in per_image])).to(self.device)
-        normed = ((tiles.float() * self._rescale - self._mean) / self._std).to(getattr(torch, self.dtype))
+        channels = torch.arange(3, device=self.device).view(1, 3, 1, 1)
+        normed = self._levels[channels, tiles.long()].to(getattr(torch, self.dtype))
         if self.family.name != "llava_next":
             return normed, None
         max_tiles = max(t.shape[0] for t in per_image)
