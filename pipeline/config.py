@@ -116,6 +116,9 @@ class OutputConfig(_Strict):
     # A crashed run's lease on the output expires after this long without a heartbeat
     # (pipeline/lease.py says why 90 s).
     lease_expiry_s: float = Field(default=90.0, ge=5.0)
+    # How long a new run waits for a lease whose holder (elsewhere) may have stopped beating
+    # before it refuses; None: the expiry, so a RayJob retry after a lost pod just proceeds.
+    lease_wait_s: float | None = Field(default=None, ge=0.0)
 
 
 class ResourcesConfig(_Strict):

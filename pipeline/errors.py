@@ -31,6 +31,11 @@ class JobError(LlavaRayError):
     any work."""
 
 
+class LeaseLost(JobError):
+    """This run's lease on its output was taken over (it was paused past the expiry): it stops
+    before publishing another output file."""
+
+
 # The `error_kind` of a failed output row, one per cause a user acts on differently.
 ERROR_KINDS = ("input", "fetch", "decode", "limits", "prompt", "messages", "engine")
 

@@ -73,11 +73,11 @@ def run_job(cfg: Config, *, retry_failed: bool | list[str] = False) -> JobSummar
     check_no_overlap(cfg, files)  # before anything is read, written or deleted (output.mode: overwrite)
     plan = inspect_input(cfg, fs, files)
     check_writable(cfg)
-    with Lease(cfg):
-        return _run(cfg, plan, checkpoint, retry_failed)
+    with Lease(cfg) as lease:
+        return _run(cfg, plan, checkpoint, retry_failed, lease)
 
 
-def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: bool | list[str]) -> JobSummary:
+def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: bool | list[str], lease: Lease) -> JobSummary:
     from ray.data import DataContext
     from ray.data.checkpoint import CheckpointConfig
 
@@ -99,14 +99,18 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
         override_filesystem=ckpt_fs,
         delete_checkpoint_on_success=False,  # a finished job re-run must process nothing
     )
-    out_fs, out_path = arrow_fs(cfg.output.path, cfg.storage)
+    out_fs, out_path = arrow_fs(cfg.output.path, cfg.storage, fence=lease.fence())
     progress = Progress(cfg, before, total=plan.rows - plan.dropped_duplicates)
     started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     try:
         with Reporter(progress, cfg.observability.progress_interval_s):
             build_dataset(cfg, plan.columns, plan.files, plan.fs, plan.repeated_ids).write_parquet(out_path, filesystem=out_fs)
+    except Exception:
+        lease.check()  # a write refused by the fence: say that in one line, not Ray's traceback
+        raise
     finally:
         ctx.checkpoint_config = None
+    lease.check()  # taken over while the last blocks ran: another run owns the output now
     seconds = time.perf_counter() - start
     whole = before + progress.run
     summary = summarize(cfg, whole, progress.run, seconds, plan.dropped_duplicates)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import posixpath
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow.dataset as pads
 from pyarrow.fs import FileSystem, FSSpecHandler, PyFileSystem
@@ -41,13 +41,18 @@ def fsspec_fs(url: str, storage: StorageConfig):
     return fsspec.core.url_to_fs(url, **opts)
 
 
+def is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
 class open_atomic:
     """A file written under a hidden name and renamed into place on close, so a reader never
-    sees a partial file. As a context manager, an error removes the partial file instead."""
+    sees a partial file. As a context manager, an error removes the partial file instead.
+    `fence`, when given, is called before the rename; if it raises, nothing is published."""
 
-    def __init__(self, fs, path: str):
+    def __init__(self, fs, path: str, fence: Callable[[], None] | None = None):
         head, tail = posixpath.split(path)
-        self.fs, self.path, self.tmp = fs, path, posixpath.join(head, f".{tail}.inprogress")
+        self.fs, self.path, self.tmp, self.fence = fs, path, posixpath.join(head, f".{tail}.inprogress"), fence
         self.f = fs.open(self.tmp, "wb")
 
     def __getattr__(self, name):
@@ -56,6 +61,12 @@ class open_atomic:
     def close(self) -> None:
         if not self.f.closed:
             self.f.close()
+            if self.fence is not None:
+                try:
+                    self.fence()
+                except BaseException:
+                    self.fs.rm(self.tmp)
+                    raise
             self.fs.mv(self.tmp, self.path)
 
     def __enter__(self) -> "open_atomic":
@@ -69,21 +80,50 @@ class open_atomic:
             self.fs.rm(self.tmp)
 
 
-class AtomicWriteHandler(FSSpecHandler):
-    """Local and network file systems show a half-written file to readers while it is written,
-    and leave it there if the job is killed; object stores publish an object only when its
-    upload completes. Here too, a file appears under its name only once it is complete."""
+class fenced_upload:
+    """An object-store upload (published only when it completes, at close) that completes only
+    if `fence()` passes then; otherwise it is discarded."""
+
+    def __init__(self, f, fence: Callable[[], None]):
+        self.f, self.fence = f, fence
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def close(self) -> None:
+        if not self.f.closed:
+            try:
+                self.fence()
+            except BaseException:
+                self.f.discard()
+                self.f.closed = True  # nothing to upload, now or when collected
+                raise
+            self.f.close()
+
+
+class OutputHandler(FSSpecHandler):
+    """A file appears under its name only once it is complete (local and network file systems
+    show a half-written file to readers, and keep it if the job is killed; object stores publish
+    an object only when its upload completes), and with a `fence` only while it passes."""
+
+    def __init__(self, fs, fence: Callable[[], None] | None = None):
+        super().__init__(fs)
+        self.fence = fence
 
     def open_output_stream(self, path, metadata):
         from pyarrow import PythonFile
 
-        return PythonFile(open_atomic(self.fs, path), mode="w")
+        if is_local(self.fs):
+            return PythonFile(open_atomic(self.fs, path, self.fence), mode="w")
+        if self.fence is not None:
+            return PythonFile(fenced_upload(self.fs.open(path, "wb"), self.fence), mode="w")
+        return super().open_output_stream(path, metadata)
 
 
-def arrow_fs(url: str, storage: StorageConfig) -> tuple[FileSystem, str]:
+def arrow_fs(url: str, storage: StorageConfig, fence: Callable[[], None] | None = None) -> tuple[FileSystem, str]:
+    """A pyarrow filesystem for writing under `url`: files appear whole, and only while `fence` passes."""
     fs, path = fsspec_fs(url, storage)
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    return PyFileSystem(AtomicWriteHandler(fs) if local else FSSpecHandler(fs)), path
+    return PyFileSystem(OutputHandler(fs, fence)), path
 
 
 def input_files(paths: str | list[str], storage: StorageConfig) -> tuple[FileSystem, list[str]]:

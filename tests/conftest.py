@@ -121,6 +121,35 @@ def ray_local():
     ray.shutdown()
 
 
+KEY, SECRET, BUCKET = "testing-key", "testing-secret", "llava"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint: moto in server mode on 127.0.0.1, with the bucket BUCKET."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=url, aws_access_key_id=KEY, aws_secret_access_key=SECRET, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    yield url
+    server.stop()
+
+
+def s3_storage(url: str) -> dict:
+    """The `storage` config section for the moto endpoint at `url`."""
+    return {"endpoint_url": url, "region": "us-east-1", "key": KEY, "secret": SECRET}
+
+
+def s3_fs(url: str):
+    import s3fs
+
+    return s3fs.S3FileSystem(key=KEY, secret=SECRET, client_kwargs={"endpoint_url": url, "region_name": "us-east-1"})
+
+
 def free_port() -> int:
     import socket
 

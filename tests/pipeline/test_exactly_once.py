@@ -49,7 +49,8 @@ def test_a_second_run_on_the_same_output_refuses_and_the_first_finishes(ray_loca
     while not lease.exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert lease.exists(), first.communicate()[1][-2000:]
-    second = subprocess.run([sys.executable, "-m", "pipeline", "run", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    second = subprocess.run([sys.executable, "-m", "pipeline", "run", str(path), "--set", "output.lease_wait_s=0"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=240)
     holder = json.loads(lease.read_text())["owner"]
     assert second.returncode == 1
     lines = second.stderr.strip().splitlines()
@@ -62,7 +63,7 @@ def test_a_second_run_on_the_same_output_refuses_and_the_first_finishes(ray_loca
 
 @pytest.mark.parametrize("age, refused", [(5, True), (1000, False)])
 def test_a_live_lease_refuses_and_an_expired_one_is_taken_over(ray_local, tiny_llava, tmp_path, age, refused):
-    _, cfg = _job(tiny_llava, tmp_path)
+    _, cfg = _job(tiny_llava, tmp_path, lease_wait_s=0)
     Path(lease_path(cfg)).write_text(json.dumps({"owner": "crashed-host:123:abcd", "heartbeat": time.time() - age, "expiry_s": 90}))
     if refused:
         with pytest.raises(JobError) as e:

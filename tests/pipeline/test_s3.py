@@ -3,49 +3,38 @@ corpus of bad inputs: the job finishes, good rows are answered, each bad row nam
 
 import io
 
-import boto3
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import s3fs
 from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.job import run_job
 from tests.conftest import (
+    BUCKET,
+    KEY,
+    SECRET,
     encode,
     photo,
     pil_error,
     png_claiming,
     read_output,
     resized,
+    s3_fs,
+    s3_storage,
     write_parquet,
 )
 
 pytestmark = pytest.mark.slow
-KEY, SECRET, BUCKET = "testing-key", "testing-secret", "llava"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=url, aws_access_key_id=KEY, aws_secret_access_key=SECRET, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    yield url
-    server.stop()
 
 
 def _storage(url):
-    return {"endpoint_url": url, "region": "us-east-1", "key": KEY, "secret": SECRET}
+    return s3_storage(url)
 
 
 def _fs(url):
-    return s3fs.S3FileSystem(key=KEY, secret=SECRET, client_kwargs={"endpoint_url": url, "region_name": "us-east-1"})
+    return s3_fs(url)
 
 
 def _cfg(ckpt, inp, out, **extra):
@@ -180,6 +169,7 @@ def test_a_live_lease_on_s3_refuses_a_second_writer(tiny_llava, s3_endpoint, tmp
     inp = write_parquet(tmp_path / "in.parquet", [{"id": 1, "image": resized("coffee", 64, 64)}])
     _fs(s3_endpoint).pipe(f"{BUCKET}/leased.lease", json.dumps({"owner": "other-pod:7:beef", "heartbeat": time.time(), "expiry_s": 90}).encode())
     cfg = _cfg(tiny_llava, inp, f"s3://{BUCKET}/leased", storage=_storage(s3_endpoint))
+    cfg.output.lease_wait_s = 0
     with pytest.raises(JobError) as e:
         run_job(cfg)
     assert str(e.value).startswith("output.path: another run is writing this output (other-pod:7:beef, heartbeat 0 s ago)")
@@ -251,10 +241,49 @@ def test_two_runs_on_one_s3_output_one_proceeds(ray_local, tiny_llava, s3_endpoi
         time.sleep(0.1)
         fs.invalidate_cache()
     holder = json.loads(fs.cat_file(f"{BUCKET}/twice.lease"))["owner"]
-    second = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    second = subprocess.run([*run, "--set", "output.lease_wait_s=0"], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert second.returncode == 1
     assert second.stderr.strip().startswith(f"error: output.path: another run is writing this output ({holder}, heartbeat ")
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     files = [f for f in fs.find(f"{BUCKET}/twice") if f.endswith(".parquet")]
     ids = [i for f in files for i in pq.read_table(fs.open(f, "rb")).column("id").to_pylist()]
     assert sorted(ids) == sorted(f"r{i}" for i in range(16))  # every row exactly once
+
+
+def test_a_killed_s3_job_rerun_at_once_resumes(ray_local, tiny_llava, s3_endpoint, tmp_path):
+    """SIGKILL of the whole job tree once output exists on S3, then an immediate rerun (no wait
+    allowed): it takes over the dead holder's lease, runs only the missing rows, each once."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from tests.conftest import ROOT
+    from tests.pipeline.test_resume import _kill_tree
+
+    rows = [{"id": f"r{i}", "image": resized("coffee", 100 + i, 120), "prompt": f"Row {i}?"} for i in range(32)]
+    data = {
+        "model": {"name": tiny_llava}, "generation": {"max_new_tokens": 16},
+        "input": {"path": write_parquet(tmp_path / "in.parquet", rows)}, "output": {"path": f"s3://{BUCKET}/killed/"},
+        "resources": {"rows_per_block": 2, "model_batch_size": 2}, "storage": _storage(s3_endpoint),
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
+    fs = _fs(s3_endpoint)
+    done = lambda: [f for f in fs.find(f"{BUCKET}/killed") if f.endswith(".parquet")]  # noqa: E731
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(tmp_path / "job.yaml")], cwd=ROOT,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while len(done()) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    _kill_tree(proc.pid)
+    proc.wait()
+    assert fs.exists(f"{BUCKET}/killed.lease")  # the dead run's lease is still there
+    written = sum(pq.read_metadata(fs.open(f, "rb")).num_rows for f in done())
+    assert 0 < written < 32, "the stop should land mid-job"
+
+    cfg = load_config({**data, "output": {**data["output"], "lease_wait_s": 0}})
+    summary = run_job(cfg)
+    ids = [i for f in done() for i in pq.read_table(fs.open(f, "rb")).column("id").to_pylist()]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(32))  # every row exactly once
+    assert summary.rows_processed <= 32 - written + 2  # the missing rows (and at most a block Ray discarded)
