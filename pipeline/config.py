@@ -6,6 +6,7 @@ YAML and `--set a.b=c` override.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -108,6 +109,14 @@ class InputConfig(_Strict):
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
     passthrough: list[str] = Field(default_factory=list)
     duplicate_ids: Literal["error", "keep_first"] = "error"
+
+    @field_validator("path")
+    @classmethod
+    def _some_path(cls, value: str | list[str]) -> str | list[str]:
+        paths = [value] if isinstance(value, str) else value
+        if not paths or not all(p.strip() for p in paths):
+            raise ConfigError("input.path", f"{value!r}: give a Parquet file, folder, glob or URL, or a non-empty list of them")
+        return value
 
 
 class OutputConfig(_Strict):
@@ -298,7 +307,7 @@ def apply_overrides(data: dict, overrides: list[str] | dict[str, Any] | None) ->
 def load_config(source: str | Path | dict, overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Read YAML (path) or a mapping, apply overrides, validate. Raises ConfigError (one line)."""
     if isinstance(source, dict):
-        data = dict(source)
+        data = copy.deepcopy(source)  # overrides must not change the caller's mapping
     else:
         path = Path(source)
         if not path.is_file():

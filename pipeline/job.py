@@ -66,6 +66,14 @@ def run_job(cfg: Config, *, retry_failed: bool | list[str] = False) -> JobSummar
     """Check everything that can be known before Ray starts (one-line errors), take the output's
     lease, then run. `retry_failed`: rerun failed rows first (True: all; a list: those error
     kinds). ARCHITECTURE.md, "Job start, resume and the one writer", says what a rerun does."""
+    checkpoint, plan = preflight(cfg)
+    with Lease(cfg) as lease:
+        return _run(cfg, plan, checkpoint, retry_failed, lease)
+
+
+def preflight(cfg: Config) -> tuple[Checkpoint, InputPlan]:
+    """Everything that can be known before Ray starts, each failure one line (ConfigError or
+    JobError): the environment and checkpoint, input and output locations, the input's files."""
     if cfg.input is None or cfg.output is None:
         raise JobError("a job needs `input` and `output` sections (input.path, output.path)")
     checkpoint = check_environment(cfg)
@@ -73,8 +81,7 @@ def run_job(cfg: Config, *, retry_failed: bool | list[str] = False) -> JobSummar
     check_no_overlap(cfg, files)  # before anything is read, written or deleted (output.mode: overwrite)
     plan = inspect_input(cfg, fs, files)
     check_writable(cfg)
-    with Lease(cfg) as lease:
-        return _run(cfg, plan, checkpoint, retry_failed, lease)
+    return checkpoint, plan
 
 
 def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: bool | list[str], lease: Lease) -> JobSummary:
@@ -99,6 +106,10 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
         override_filesystem=ckpt_fs,
         delete_checkpoint_on_success=False,  # a finished job re-run must process nothing
     )
+    # keep_first: the one drop actor must see rows in the input's order (files as listed, a
+    # folder or glob sorted by path; rows in file order), not in the order reads finish.
+    ordered = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = ordered or bool(plan.repeated_ids)
     out_fs, out_path = arrow_fs(cfg.output.path, cfg.storage, fence=lease.fence())
     progress = Progress(cfg, before, total=plan.rows - plan.dropped_duplicates)
     started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
@@ -110,6 +121,7 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
         raise
     finally:
         ctx.checkpoint_config = None
+        ctx.execution_options.preserve_order = ordered
     lease.check()  # taken over while the last blocks ran: another run owns the output now
     seconds = time.perf_counter() - start
     whole = before + progress.run

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from .config import Config
 from .errors import JobError
 from .resume import checkpoint_path
-from .storage import fsspec_fs
+from .storage import fsspec_fs, one_line
 
 _MAGIC = "*?["
 
@@ -80,5 +80,4 @@ def check_writable(cfg: Config) -> None:
     except JobError:
         raise
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise JobError(f"output.path: cannot write to {url}: {type(e).__name__}: {reason}") from None
+        raise JobError(f"output.path: cannot write to {url}: {one_line(e)}") from None

@@ -132,19 +132,30 @@ def input_files(paths: str | list[str], storage: StorageConfig) -> tuple[FileSys
     files: list[str] = []
     fs = None
     for url in urls:
-        fs, path = fsspec_fs(url, storage)
-        if any(ch in path for ch in "*?["):
-            found = sorted(fs.glob(path))
-        elif fs.isdir(path):
-            found = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
-        elif fs.exists(path):
-            found = [path]
-        else:
-            raise JobError(f"input.path: {url} does not exist")
+        try:
+            fs, path = fsspec_fs(url, storage)
+            if any(ch in path for ch in "*?["):
+                found = sorted(fs.glob(path))
+            else:
+                try:  # info(), not exists(): that hides a credentials error as "missing"
+                    kind = fs.info(path)["type"]
+                except FileNotFoundError:
+                    raise JobError(f"input.path: {url} does not exist") from None
+                found = sorted(p for p in fs.find(path) if p.endswith(".parquet")) if kind == "directory" else [path]
+        except JobError:
+            raise
+        except Exception as e:  # credentials, access denied, a bucket that is not there, a bad URL
+            raise JobError(f"input.path: cannot read {url}: {one_line(e)}") from None
         if not found:
             raise JobError(f"input.path: no Parquet files at {url}")
         files.extend(found)
     return PyFileSystem(FSSpecHandler(fs)), files
+
+
+def one_line(e: BaseException) -> str:
+    """`Type: first line of the message`, for start-up errors that name a storage failure."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else type(e).__name__}"
 
 
 def parquet_dataset(files: list[str], fs: FileSystem) -> pads.Dataset:

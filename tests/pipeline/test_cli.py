@@ -94,22 +94,31 @@ def test_run_exit_codes_and_one_line_errors(tmp_path, tiny_llava):
 
 
 @pytest.mark.slow
-def test_run_prints_the_summary_and_keep_first_drops_repeated_ids(tmp_path, tiny_llava):
-    rows = [{"id": i, "image": resized("rocket", 100 + 10 * i, 140), "prompt": f"Row {i}?"} for i in (1, 2, 2, 3)]
+def test_run_prints_the_summary_and_keep_first_keeps_the_first_in_input_order(tmp_path, tiny_llava):
+    """Six files (sorted by path) all hold id 100, and the first also repeats id 7 within itself:
+    the rows kept are the first occurrences in the input's order, whatever order Ray reads in."""
+    (tmp_path / "in").mkdir()
+    for f in range(6):
+        rows = [{"id": 100, "image": resized("rocket", 100 + 10 * f, 140), "prompt": f"File {f}?", "src": f"f{f}"},
+                {"id": f, "image": resized("coffee", 90 + f, 120), "prompt": f"Own {f}?", "src": f"f{f}"}]
+        if f == 0:
+            rows.insert(0, {"id": 7, "image": resized("chelsea", 80, 120), "prompt": "First?", "src": "first"})
+            rows.append({"id": 7, "image": resized("chelsea", 80, 130), "prompt": "Second?", "src": "second"})
+        write_parquet(tmp_path / "in" / f"part-{f}.parquet", rows)
     data = {
         "model": {"name": tiny_llava}, "generation": {"max_new_tokens": 4},
-        "input": {"path": write_parquet(tmp_path / "in.parquet", rows), "duplicate_ids": "keep_first"},
+        "input": {"path": str(tmp_path / "in"), "duplicate_ids": "keep_first", "passthrough": ["src"]},
         "output": {"path": str(tmp_path / "out")},
     }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
     res = cli("run", str(tmp_path / "job.yaml"), timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
-    assert lines[0] == "rows ok: 3  rows failed: 0  (total 3, processed this run 3, dropped duplicates 1)"
+    assert lines[0] == "rows ok: 8  rows failed: 0  (total 8, processed this run 8, dropped duplicates 6)"
     assert lines[2] == f"model: {tiny_llava}  backend: transformers/float32/sdpa"
     assert lines[3] == f"output: {tmp_path / 'out'}"
     out = read_output(tmp_path / "out")
-    assert sorted(out) == [1, 2, 3] and out[2]["prompt_tokens"] > 0
+    assert {i: r["src"] for i, r in out.items()} == {100: "f0", 7: "first", **{f: f"f{f}" for f in range(6)}}
 
 
 @pytest.mark.slow

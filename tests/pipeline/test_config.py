@@ -46,3 +46,55 @@ def test_bad_config_is_one_line_naming_the_key(data, message):
 def test_bad_override_syntax():
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config({"model": {"name": "m"}}, ["generation.max_new_tokens"])
+
+
+def _leaf_keys(model, prefix: str = ""):
+    """Every settable key of the config, dotted (sections recursed into)."""
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        section = next((t for t in getattr(field.annotation, "__args__", (field.annotation,))
+                        if isinstance(t, type) and issubclass(t, BaseModel)), None)
+        yield from _leaf_keys(section, f"{prefix}{name}.") if section else [f"{prefix}{name}"]
+
+
+ODD_VALUES = ["[]", "{}", "null", "''", "-1", "0", "1e309", ".nan", "x", "[1]", "{a: 1}", "true", "99999999999999999999999",
+              "'s3://'", "'/'"]
+
+
+def test_every_key_takes_any_value_or_refuses_it_in_one_line_naming_it():
+    """`--set KEY=VALUE` with odd values for every key: accepted, or a ConfigError naming the key."""
+    from pipeline.config import Config
+
+    base = {"model": {"name": "m"}, "input": {"path": "in.parquet"}, "output": {"path": "out"}}
+    keys = list(_leaf_keys(Config))
+    assert {"input.path", "output.lease_wait_s", "serve.max_batch_size", "storage.secret"} <= set(keys)
+    for key in keys:
+        for value in ODD_VALUES:
+            try:
+                load_config(base, [f"{key}={value}"])
+            except ConfigError as e:
+                named = str(e).split(": ", 1)[0]
+                assert "\n" not in str(e) and (key.startswith(named) or named.startswith(key)), (key, value, str(e))
+    assert base == {"model": {"name": "m"}, "input": {"path": "in.parquet"}, "output": {"path": "out"}}  # not changed
+
+
+def test_input_and_output_values_are_refused_before_ray_in_one_line(tiny_llava, tmp_path):
+    """The same odd values for the input/output/storage keys, through every check a job makes
+    before Ray starts (`job.preflight`): accepted, or one line (never a traceback)."""
+    from pipeline.config import Config
+    from pipeline.errors import JobError
+    from pipeline.job import preflight
+    from tests.conftest import resized, write_parquet
+
+    inp = write_parquet(tmp_path / "in.parquet", [{"id": 1, "image": resized("coffee", 64, 64)}])
+    base = {"model": {"name": tiny_llava}, "input": {"path": inp}, "output": {"path": str(tmp_path / "out")}}
+    for key in [k for k in _leaf_keys(Config) if k.startswith(("input.", "output.", "storage."))]:
+        for value in ["[]", "''", "'s3://'", "'/'", "x", "null", "[1]", "'*'"]:
+            try:
+                preflight(load_config(base, [f"{key}={value}"]))
+            except (ConfigError, JobError) as e:
+                assert "\n" not in str(e) and key.split(".")[0] in str(e), (key, value, str(e))
+    with pytest.raises(ConfigError) as e:
+        load_config(base, ["input.path=[]"])
+    assert str(e.value) == "input.path: []: give a Parquet file, folder, glob or URL, or a non-empty list of them"
