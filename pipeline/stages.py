@@ -111,10 +111,14 @@ class PreprocessStage:
     threads that could oversubscribe the CPUs.
     """
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, storage_secrets=None):
         from concurrent.futures import ThreadPoolExecutor
 
         self.cfg = Config.model_validate(config)
+        if storage_secrets is not None:  # s3:// images with credentials from the config
+            import ray
+
+            self.cfg.storage = self.cfg.storage.model_copy(update=ray.get(storage_secrets))
         cpus = max(1, int(self.cfg.resources.preprocess_cpus))
         self.pre = Preprocessor(self.cfg, Checkpoint.load(self.cfg.model), threads=cpus)
         self.pool = ThreadPoolExecutor(max(self.cfg.fetch.concurrency, cpus), thread_name_prefix="prepare")
@@ -262,9 +266,11 @@ def drop_repeated_kwargs(cfg: Config, repeated: list) -> dict[str, Any]:
 
 # Actor restarts and task retries: Ray Data's defaults (restart forever, retry tasks) are what a
 # long job wants, so they are not overridden here.
-def _actor_pool_kwargs(cfg: Config, batch_size: int, actors: int, cpus: float, gpus: float = 0) -> dict[str, Any]:
+def _actor_pool_kwargs(cfg: Config, batch_size: int, actors: int, cpus: float, gpus: float = 0, **secrets) -> dict[str, Any]:
+    """The constructor gets the config without its secrets (Ray shows actor arguments in its
+    dashboard and task specs); a secret the actor needs goes by reference (`_by_reference`)."""
     return dict(
-        fn_constructor_kwargs={"config": cfg.model_dump()},
+        fn_constructor_kwargs={"config": cfg.without_secrets().model_dump(), **secrets},
         batch_size=batch_size,
         batch_format="pyarrow",
         concurrency=actors,
@@ -273,9 +279,24 @@ def _actor_pool_kwargs(cfg: Config, batch_size: int, actors: int, cpus: float, g
     )
 
 
+def _by_reference(secret: dict | None):
+    """A secret as an object in Ray's object store: the actor's arguments hold only its
+    reference, and the actor reads the value. The driver holds the reference for the whole job,
+    so a restarted actor reads it again. Credentials from the environment (the AWS variables, a
+    Kubernetes Secret) need none of this: the actor's process has them itself."""
+    if not secret:
+        return None
+    import ray
+
+    return ray.put(secret)
+
+
 def preprocess_kwargs(cfg: Config) -> dict[str, Any]:
+    """Only this stage reads with the storage credentials (s3:// images); the model stage has no
+    use for any secret."""
     r = cfg.resources
-    return _actor_pool_kwargs(cfg, r.preprocess_batch_size, r.preprocess_actors, r.preprocess_cpus)
+    return _actor_pool_kwargs(cfg, r.preprocess_batch_size, r.preprocess_actors, r.preprocess_cpus,
+                              storage_secrets=_by_reference(cfg.secrets().get("storage")))
 
 
 def generate_stage(cfg: Config) -> type[GenerateStage]:
