@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from .checkpoint import Checkpoint
 from .config import Config
 from .engines import engine_class, make_engine
-from .engines.base import is_async
+from .engines.base import is_async, release
 from .errors import EngineDead, InputError, RowError, describe_validation_error
 from .metrics import IMAGES, STAGE_SECONDS, metric
 from .preprocess import Preprocessor
@@ -187,6 +187,17 @@ class GenerateStage:
         self.cfg = Config.model_validate(config)
         self.engine = make_engine(self.cfg, Checkpoint.load(self.cfg.model))
 
+    def __del__(self):
+        """Ray Data drops the actor's UDF on a graceful stop: the engine goes with it (vLLM's
+        worker processes would otherwise outlive the actor)."""
+        release(getattr(self, "engine", None))  # None when __init__ failed before the engine
+
+    @staticmethod
+    def _exit(error: EngineDead) -> None:
+        """A retried task would land on this same dead engine: exit so Ray Data restarts the actor."""
+        logger.error("the engine cannot run again in this process (%s); exiting so Ray Data restarts this actor", error)
+        os._exit(1)
+
     def _requests(self, batch: pa.Table) -> tuple[list[dict], list[tuple[int, PreparedRequest]]]:
         rows = batch.select([f.name for f in PREPARED_FIELDS]).to_pylist()  # ours: always valid
         return rows, [(i, row_to_prepared(r, i)) for i, r in enumerate(rows) if r["error"] is None]
@@ -194,7 +205,10 @@ class GenerateStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
         rows, todo = self._requests(batch)
-        generated = self.engine.generate([p for _, p in todo], self.cfg.generation)
+        try:
+            generated = self.engine.generate([p for _, p in todo], self.cfg.generation)
+        except EngineDead as e:  # a CUDA error poisoned the device (engines.base.poisons_device)
+            self._exit(e)
         metric(STAGE_SECONDS).observe(time.perf_counter() - start, tags={"stage": "generate"})
         return self._table(batch, rows, todo, generated)
 
@@ -229,10 +243,8 @@ class AsyncGenerateStage(GenerateStage):
         rows, todo = self._requests(batch)
         try:
             generated = await self.engine.agenerate([p for _, p in todo], self.cfg.generation)
-        except EngineDead:
-            # A retried task would land on this same dead actor: exit so Ray Data restarts it.
-            logger.error("vLLM engine died; exiting so Ray Data restarts this actor")
-            os._exit(1)
+        except EngineDead as e:
+            self._exit(e)
         metric(STAGE_SECONDS).observe(time.perf_counter() - start, tags={"stage": "generate"})
         return self._table(batch, rows, todo, generated)
 

@@ -143,6 +143,21 @@ class HFEngine(EngineLabels):
             kwargs.update(stop_strings=sampling.stop, tokenizer=self.tokenizer)
         return kwargs
 
+    def close(self) -> None:
+        """Drop the model's weights now (the process may live on: a replica being replaced)."""
+        import gc
+
+        import torch
+
+        with self._lock:  # after any generation in flight
+            if self.model is None:
+                return
+            self.model = None
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        logger.info("closed %s", self.model_name)
+
     # -- generation -----------------------------------------------------------------------------
     def generate(self, requests: list[PreparedRequest], sampling: GenerationConfig) -> list[Result]:
         return generate_with_row_fallback(lambda batch: self._generate_batch(batch, sampling), requests)

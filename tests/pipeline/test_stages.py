@@ -103,3 +103,19 @@ def test_no_secret_travels_in_an_actors_arguments(ray_local, tiny_llava):
         assert not [s for s in (KEY, SECRET, API_KEY) if s.encode() in sent]
     stage = PreprocessStage(**pre["fn_constructor_kwargs"])
     assert (stage.cfg.storage.key, stage.cfg.storage.secret, stage.cfg.serve.api_key) == (KEY, SECRET, None)
+
+
+def test_the_model_actor_closes_its_engine_when_ray_data_drops_it(tiny_llava):
+    """Ray Data deletes the actor's UDF on a graceful stop (`__ray_shutdown__`): its engine is
+    closed then, the model's weights freed (vLLM's worker processes stopped), not left behind."""
+    import gc
+    import weakref
+
+    from pipeline.stages import GenerateStage
+
+    stage = GenerateStage({"model": {"name": tiny_llava}, "input": {"path": "unused"}})
+    engine = stage.engine
+    model = weakref.ref(engine.model)
+    del stage
+    gc.collect()
+    assert engine.model is None and model() is None
