@@ -23,7 +23,7 @@ from pipeline.cluster import init_ray
 from pipeline.config import Config, ServeConfig, load_config
 
 from .model import LlavaModelServer
-from .serving import LlavaIngressServer, api
+from .serving import LlavaIngressServer, api, key_digest
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +67,12 @@ def ingress_options(cfg: Config) -> dict[str, Any]:
 
 def build(cfg: Config) -> Application:
     check_environment(cfg)
-    cfg.serve.resolved_api_key()  # an empty key variable fails here, in one line, not in a replica
-    model = LlavaModel.options(**model_options(cfg)).bind(cfg)
-    return LlavaIngress.options(**ingress_options(cfg)).bind(cfg, model)
+    key = cfg.serve.resolved_api_key()  # an empty key variable fails here, in one line, not in a replica
+    # Replicas get the config without its secrets, and the ingress the key's digest, never the
+    # key: Ray shows actor arguments in its dashboard and task specs.
+    public = cfg.without_secrets()
+    model = LlavaModel.options(**model_options(cfg)).bind(public)
+    return LlavaIngress.options(**ingress_options(cfg)).bind(public, model, key_digest(key))
 
 
 def build_app(args: dict[str, Any]) -> Application:

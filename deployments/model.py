@@ -18,7 +18,7 @@ from ray import serve
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import Config, GenerationConfig, ServeConfig
 from pipeline.engines import make_engine
-from pipeline.engines.base import AsyncEngine
+from pipeline.engines.base import AsyncEngine, release
 from pipeline.metrics import BATCH_SIZE, STREAMS_ABORTED, metric
 from pipeline.records import PreparedRequest, Result
 
@@ -79,6 +79,11 @@ class LlavaModelServer:
         self._generate_batch.set_max_batch_size(cfg.serve.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
         logger.info("model deployment ready: %s (%s)", self.engine.model_name, self.engine.backend)
+
+    def __del__(self):
+        """Serve calls this when the replica stops: the engine goes with it (vLLM's worker
+        processes would otherwise outlive the replica)."""
+        release(getattr(self, "engine", None))  # None when __init__ failed before the engine
 
     async def generate(self, request: PreparedRequest, sampling: GenerationConfig) -> Result:
         if isinstance(self.engine, AsyncEngine):

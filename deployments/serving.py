@@ -8,6 +8,7 @@ same answer here and in a job. Every failure leaves through `errors.to_api_error
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -113,6 +114,12 @@ async def sse_events(request_id: str, model: str, first, deltas, include_usage: 
     yield _sse("[DONE]")
 
 
+def key_digest(key: str | None) -> str | None:
+    """sha256 of an API key: what the ingress compares (API keys are random, so their digest
+    reveals nothing usable)."""
+    return hashlib.sha256(key.encode()).hexdigest() if key is not None else None
+
+
 class LlavaIngressServer:
     """The `LlavaIngress` replica's state and handlers; `model` is the LlavaModel handle.
 
@@ -120,18 +127,21 @@ class LlavaIngressServer:
     class-based views rewrite methods only in the process that applies `serve.ingress`).
     """
 
-    def __init__(self, cfg: Config, model):
+    def __init__(self, cfg: Config, model, api_key_sha256: str | None = None):
+        """`api_key_sha256`: the digest of the key the app was built with; the key itself never
+        travels in a replica's arguments (Ray shows them). Without it, the key is the one
+        serve.api_key_env names in this replica's own environment."""
         self.cfg = cfg
         self.model = model
         self.served_name = cfg.serve.served_model_name or cfg.model.name
-        self.api_key = cfg.serve.resolved_api_key()
+        self.api_key_sha256 = api_key_sha256 or key_digest(cfg.serve.resolved_api_key())
         self.preprocessor = Preprocessor(cfg, Checkpoint.load(cfg.model), local_ok=False)
         # Decoding blocks, and http(s) fetches block for up to fetch.timeout_s: both run off the
         # event loop, on two pools, so requests with inline (data:) images never queue behind
         # slow fetches.
         self.fetch_pool = ThreadPoolExecutor(cfg.fetch.concurrency, thread_name_prefix="fetch")
         self.inline_pool = ThreadPoolExecutor(cfg.fetch.concurrency, thread_name_prefix="inline")
-        logger.info("ingress ready for %s (api key %s)", self.served_name, "on" if self.api_key else "off")
+        logger.info("ingress ready for %s (api key %s)", self.served_name, "on" if self.api_key_sha256 else "off")
 
     async def answer(self, request: Request, handler, *args) -> Response:
         """Authorize, run `handler`, and turn any failure into OpenAI's error JSON."""
@@ -152,7 +162,7 @@ class LlavaIngressServer:
         return response
 
     def _authorize(self, request: Request) -> None:
-        if self.api_key is None:
+        if self.api_key_sha256 is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -160,7 +170,7 @@ class LlavaIngressServer:
                 401, "missing API key: send the header 'Authorization: Bearer <key>'",
                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
             )
-        if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        if not hmac.compare_digest(key_digest(token.strip()), self.api_key_sha256):
             raise APIError(401, "incorrect API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     async def models(self) -> Response:

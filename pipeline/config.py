@@ -245,6 +245,11 @@ class ServeConfig(_Strict):
         return value
 
 
+# The settings that are secrets: never logged, never written (the manifest redacts them), never
+# in a Ray actor's or replica's arguments (Config.without_secrets; ARCHITECTURE.md, "Secrets").
+SECRETS: dict[str, set[str]] = {"storage": {"key", "secret"}, "serve": {"api_key"}}
+
+
 class Config(_Strict):
     """One job or endpoint. `input`/`output` are needed by `run`, not by `serve`."""
 
@@ -262,6 +267,15 @@ class Config(_Strict):
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
+
+    def without_secrets(self) -> "Config":
+        """This config with every secret setting unset: what Ray actors and replicas are given."""
+        return Config.model_validate(self.model_dump(exclude=SECRETS))
+
+    def secrets(self) -> dict[str, dict[str, str]]:
+        """The secret settings that are set, by section (what `without_secrets` leaves out)."""
+        data = self.model_dump(include=SECRETS, exclude_none=True)
+        return {section: values for section, values in data.items() if values}
 
     @model_validator(mode="after")
     def _combinations(self) -> "Config":

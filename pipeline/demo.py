@@ -28,7 +28,7 @@ def _png(name: str) -> bytes:
 
 
 def write_demo_input(path: str | Path) -> Path:
-    """Write the demo's input Parquet: one row per photo, and a truncated JPEG that must fail."""
+    """Write the demo's input Parquet: one row per photo, and a truncated PNG that must fail."""
     rows = [{"id": name, "image": _png(name), "prompt": prompt} for name, prompt in PHOTOS.items()]
     rows.append({"id": "broken", "image": _png("camera")[:200], "prompt": None})
     path = Path(path)

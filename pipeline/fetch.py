@@ -253,8 +253,9 @@ def _fetch_once(url: str, fetch: FetchConfig, max_bytes: int) -> bytes:
 def fetch_url(url: str, fetch: FetchConfig, max_bytes: int) -> bytes:
     """The body of an http(s) image URL, at most `max_bytes`; FetchError names why it was refused.
 
-    Connection failures and 429/5xx answers are retried `fetch.retries` times with backoff;
-    refusals, 4xx and timeouts are not (a timeout already spent the request's budget).
+    Connection failures and 429, 502, 503, 504 answers are retried `fetch.retries` times with
+    backoff; refusals, other 4xx and 5xx, and timeouts are not (a timeout already spent the
+    request's budget).
     """
     attempt = 0
     while True:

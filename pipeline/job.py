@@ -27,8 +27,8 @@ from .inputs import InputPlan, inspect_input
 from .lease import Lease
 from .outputs import check_no_overlap, check_writable
 from .progress import Progress, Reporter, Tally, tally
-from .resume import checkpoint_path, drop_failed_rows, reconcile
-from .storage import arrow_fs, input_files, output_files, output_rows, remove_tree
+from .resume import checkpoint_path, drop_failed_rows, reconcile, split_output
+from .storage import arrow_fs, input_files, output_rows, remove_tree
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,10 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
         if retry_failed:
             drop_failed_rows(cfg, None if retry_failed is True else list(retry_failed))
         reconcile(cfg, plan.id_type)
-    before = tally(cfg, output_files(cfg.output.path, cfg.storage))
+    # Data files of a block whose commit a stop interrupted are deleted by Ray Data at start
+    # (their rows run again): they are neither done before this run nor written by it.
+    committed, uncommitted = split_output(cfg)
+    before = tally(cfg, committed)
 
     init_ray(cfg)
     ctx = DataContext.get_current()
@@ -111,7 +114,7 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
     ordered = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = ordered or bool(plan.repeated_ids)
     out_fs, out_path = arrow_fs(cfg.output.path, cfg.storage, fence=lease.fence())
-    progress = Progress(cfg, before, total=plan.rows - plan.dropped_duplicates)
+    progress = Progress(cfg, before, total=plan.rows - plan.dropped_duplicates, ignore=uncommitted)
     started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     try:
         with Reporter(progress, cfg.observability.progress_interval_s):

@@ -15,20 +15,20 @@ from importlib import metadata
 from pathlib import Path
 
 from .checkpoint import Checkpoint
-from .config import Config
+from .config import SECRETS, Config
 from .progress import Tally
 from .storage import fsspec_fs, open_atomic
 
 NAME = "_manifest.json"
-_SECRETS = (("storage", "key"), ("storage", "secret"), ("serve", "api_key"))
 _PACKAGES = ("llava-ray", "ray", "transformers", "torch", "vllm")
 
 
 def redacted(cfg: Config) -> dict:
     data = cfg.model_dump(mode="json")
-    for section, key in _SECRETS:
-        if data.get(section, {}).get(key) is not None:
-            data[section][key] = "<redacted>"
+    for section, keys in SECRETS.items():
+        for key in keys:
+            if data.get(section, {}).get(key) is not None:
+                data[section][key] = "<redacted>"
     return data
 
 

@@ -79,12 +79,14 @@ class Progress:
     """This run's tally over the files it wrote, and one log line per poll.
 
     `before`: the output's tally when the run started (a resumed run counts it as done);
-    `total`: the rows the input will produce (after dropped duplicates)."""
+    `total`: the rows the input will produce (after dropped duplicates); `ignore`: files that
+    are there but count for nothing (uncommitted blocks that Ray Data deletes at start)."""
 
-    def __init__(self, cfg: Config, before: Tally, total: int, clock=time.monotonic, record_metrics: bool = True):
+    def __init__(self, cfg: Config, before: Tally, total: int, clock=time.monotonic, record_metrics: bool = True,
+                 ignore: list[str] = ()):
         self.cfg, self.before, self.total, self.clock = cfg, before, total, clock
         self.run = Tally()
-        self.seen = set(before.files)
+        self.seen = set(before.files) | set(ignore)
         self.record_metrics = record_metrics
         self._last = (clock(), 0, 0)  # (time, rows, generated tokens) at the last line
         self.started = self._last[0]

@@ -35,6 +35,38 @@ def checkpoint_path(cfg: Config) -> str:
     return cfg.output.path.rstrip("/") + ".checkpoint"
 
 
+def _read(fs, path: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file of the output or the checkpoint; one that cannot be read (a partial file
+    left by a version that published on error, a file damaged since) is a one-line JobError
+    naming it."""
+    try:
+        return pq.read_table(fs.open(path, "rb"), columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        reason = " ".join(str(e).split())
+        raise JobError(
+            f"output.path: {path} is not a readable Parquet file ({type(e).__name__}: {reason}); move it away and "
+            "rerun: the rows it held run again"
+        ) from None
+
+
+def _pending_prefixes(cfg: Config) -> tuple[list[str], tuple[str, ...]]:
+    """(committed checkpoint files, prefixes of the data files whose checkpoint is still pending)."""
+    ckpt_fs, root = fsspec_fs(checkpoint_path(cfg), cfg.storage)
+    found = sorted(p for p in ckpt_fs.find(root) if p.endswith(".parquet")) if ckpt_fs.exists(root) else []
+    pending = tuple(posixpath.basename(p)[: -len(PENDING)] for p in found if p.endswith(PENDING))
+    return [p for p in found if not p.endswith(PENDING)], pending
+
+
+def split_output(cfg: Config) -> tuple[list[str], list[str]]:
+    """(committed, uncommitted) data files of the output. Uncommitted ones belong to a block whose
+    checkpoint is still pending (a stop between the data file and its commit): Ray Data deletes
+    them when the run starts and their rows run again, so they count for nothing."""
+    _, pending = _pending_prefixes(cfg)
+    files = output_files(cfg.output.path, cfg.storage)
+    doomed = [f for f in files if pending and posixpath.basename(f).startswith(pending)]
+    return [f for f in files if f not in doomed], doomed
+
+
 def _rewrite(fs, path: str, table: pa.Table) -> None:
     with open_atomic(fs, path) as f:
         pq.write_table(table, f)
@@ -46,8 +78,8 @@ def drop_failed_rows(cfg: Config, kinds: list[str] | None = None) -> int:
     the truth). Returns how many rows were removed."""
     out_fs, out_root = fsspec_fs(cfg.output.path, cfg.storage)
     removed = 0
-    for path in output_files(cfg.output.path, cfg.storage):
-        table = pq.read_table(out_fs.open(path, "rb"))
+    for path in split_output(cfg)[0]:
+        table = _read(out_fs, path)
         failed = pc.is_valid(table.column("error"))
         if kinds and "error_kind" in table.schema.names:
             failed = pc.and_(failed, pc.fill_null(pc.is_in(table.column("error_kind"), value_set=pa.array(kinds)), False))
@@ -60,7 +92,7 @@ def drop_failed_rows(cfg: Config, kinds: list[str] | None = None) -> int:
 
 
 def _ids(fs, files: list[str], id_col: str) -> pa.ChunkedArray:
-    tables = [pq.read_table(fs.open(f, "rb"), columns=[id_col]) for f in files]
+    tables = [_read(fs, f, [id_col]) for f in files]
     return pa.concat_tables(tables).column(0) if tables else pa.chunked_array([], pa.null())
 
 
@@ -75,11 +107,9 @@ def reconcile(cfg: Config, id_type: pa.DataType) -> str | None:
     when the run starts, and their rows run again."""
     id_col = cfg.input.columns.id
     ckpt_fs, root = fsspec_fs(checkpoint_path(cfg), cfg.storage)
-    found = sorted(p for p in ckpt_fs.find(root) if p.endswith(".parquet")) if ckpt_fs.exists(root) else []
-    pending = tuple(posixpath.basename(p)[: -len(PENDING)] for p in found if p.endswith(PENDING))
-    committed = [p for p in found if not p.endswith(PENDING)]
+    committed, _ = _pending_prefixes(cfg)
     out_fs, _ = fsspec_fs(cfg.output.path, cfg.storage)
-    data = [f for f in output_files(cfg.output.path, cfg.storage) if not (pending and posixpath.basename(f).startswith(pending))]
+    data, _ = split_output(cfg)
 
     checkpointed = _ids(ckpt_fs, committed, id_col)
     written = _ids(out_fs, data, id_col)

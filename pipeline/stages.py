@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from .checkpoint import Checkpoint
 from .config import Config
 from .engines import engine_class, make_engine
-from .engines.base import is_async
+from .engines.base import is_async, release
 from .errors import EngineDead, InputError, RowError, describe_validation_error
 from .metrics import IMAGES, STAGE_SECONDS, metric
 from .preprocess import Preprocessor
@@ -111,10 +111,14 @@ class PreprocessStage:
     threads that could oversubscribe the CPUs.
     """
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, storage_secrets=None):
         from concurrent.futures import ThreadPoolExecutor
 
         self.cfg = Config.model_validate(config)
+        if storage_secrets is not None:  # s3:// images with credentials from the config
+            import ray
+
+            self.cfg.storage = self.cfg.storage.model_copy(update=ray.get(storage_secrets))
         cpus = max(1, int(self.cfg.resources.preprocess_cpus))
         self.pre = Preprocessor(self.cfg, Checkpoint.load(self.cfg.model), threads=cpus)
         self.pool = ThreadPoolExecutor(max(self.cfg.fetch.concurrency, cpus), thread_name_prefix="prepare")
@@ -183,6 +187,17 @@ class GenerateStage:
         self.cfg = Config.model_validate(config)
         self.engine = make_engine(self.cfg, Checkpoint.load(self.cfg.model))
 
+    def __del__(self):
+        """Ray Data drops the actor's UDF on a graceful stop: the engine goes with it (vLLM's
+        worker processes would otherwise outlive the actor)."""
+        release(getattr(self, "engine", None))  # None when __init__ failed before the engine
+
+    @staticmethod
+    def _exit(error: EngineDead) -> None:
+        """A retried task would land on this same dead engine: exit so Ray Data restarts the actor."""
+        logger.error("the engine cannot run again in this process (%s); exiting so Ray Data restarts this actor", error)
+        os._exit(1)
+
     def _requests(self, batch: pa.Table) -> tuple[list[dict], list[tuple[int, PreparedRequest]]]:
         rows = batch.select([f.name for f in PREPARED_FIELDS]).to_pylist()  # ours: always valid
         return rows, [(i, row_to_prepared(r, i)) for i, r in enumerate(rows) if r["error"] is None]
@@ -190,7 +205,10 @@ class GenerateStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
         rows, todo = self._requests(batch)
-        generated = self.engine.generate([p for _, p in todo], self.cfg.generation)
+        try:
+            generated = self.engine.generate([p for _, p in todo], self.cfg.generation)
+        except EngineDead as e:  # a CUDA error poisoned the device (engines.base.poisons_device)
+            self._exit(e)
         metric(STAGE_SECONDS).observe(time.perf_counter() - start, tags={"stage": "generate"})
         return self._table(batch, rows, todo, generated)
 
@@ -225,10 +243,8 @@ class AsyncGenerateStage(GenerateStage):
         rows, todo = self._requests(batch)
         try:
             generated = await self.engine.agenerate([p for _, p in todo], self.cfg.generation)
-        except EngineDead:
-            # A retried task would land on this same dead actor: exit so Ray Data restarts it.
-            logger.error("vLLM engine died; exiting so Ray Data restarts this actor")
-            os._exit(1)
+        except EngineDead as e:
+            self._exit(e)
         metric(STAGE_SECONDS).observe(time.perf_counter() - start, tags={"stage": "generate"})
         return self._table(batch, rows, todo, generated)
 
@@ -262,9 +278,11 @@ def drop_repeated_kwargs(cfg: Config, repeated: list) -> dict[str, Any]:
 
 # Actor restarts and task retries: Ray Data's defaults (restart forever, retry tasks) are what a
 # long job wants, so they are not overridden here.
-def _actor_pool_kwargs(cfg: Config, batch_size: int, actors: int, cpus: float, gpus: float = 0) -> dict[str, Any]:
+def _actor_pool_kwargs(cfg: Config, batch_size: int, actors: int, cpus: float, gpus: float = 0, **secrets) -> dict[str, Any]:
+    """The constructor gets the config without its secrets (Ray shows actor arguments in its
+    dashboard and task specs); a secret the actor needs goes by reference (`_by_reference`)."""
     return dict(
-        fn_constructor_kwargs={"config": cfg.model_dump()},
+        fn_constructor_kwargs={"config": cfg.without_secrets().model_dump(), **secrets},
         batch_size=batch_size,
         batch_format="pyarrow",
         concurrency=actors,
@@ -273,9 +291,24 @@ def _actor_pool_kwargs(cfg: Config, batch_size: int, actors: int, cpus: float, g
     )
 
 
+def _by_reference(secret: dict | None):
+    """A secret as an object in Ray's object store: the actor's arguments hold only its
+    reference, and the actor reads the value. The driver holds the reference for the whole job,
+    so a restarted actor reads it again. Credentials from the environment (the AWS variables, a
+    Kubernetes Secret) need none of this: the actor's process has them itself."""
+    if not secret:
+        return None
+    import ray
+
+    return ray.put(secret)
+
+
 def preprocess_kwargs(cfg: Config) -> dict[str, Any]:
+    """Only this stage reads with the storage credentials (s3:// images); the model stage has no
+    use for any secret."""
     r = cfg.resources
-    return _actor_pool_kwargs(cfg, r.preprocess_batch_size, r.preprocess_actors, r.preprocess_cpus)
+    return _actor_pool_kwargs(cfg, r.preprocess_batch_size, r.preprocess_actors, r.preprocess_cpus,
+                              storage_secrets=_by_reference(cfg.secrets().get("storage")))
 
 
 def generate_stage(cfg: Config) -> type[GenerateStage]:

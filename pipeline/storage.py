@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import posixpath
+import sys
 from typing import Any, Callable
 
 import pyarrow.dataset as pads
+from pyarrow import PythonFile
 from pyarrow.fs import FileSystem, FSSpecHandler, PyFileSystem
 
 from .config import StorageConfig
 from .errors import JobError
+
+logger = logging.getLogger(__name__)
 
 
 def storage_options(storage: StorageConfig, timeout_s: float | None = None) -> dict[str, Any]:
@@ -46,28 +51,78 @@ def is_local(fs) -> bool:
 
 
 class open_atomic:
-    """A file written under a hidden name and renamed into place on close, so a reader never
-    sees a partial file. As a context manager, an error removes the partial file instead.
+    """A file written under a hidden name and renamed into place only after a clean close, so a
+    reader never sees a partial file. A write or close that fails, or an error inside the `with`
+    block, removes the hidden file instead: nothing appears under the real name.
+
+    pyarrow's streams (`NativeFile.__exit__`, `ParquetWriter.__exit__`) close whether their block
+    raised or not, so `close` itself looks for an exception being handled that was not already in
+    flight when the file was opened: a close during the unwinding of its own write discards.
     `fence`, when given, is called before the rename; if it raises, nothing is published."""
 
     def __init__(self, fs, path: str, fence: Callable[[], None] | None = None):
         head, tail = posixpath.split(path)
         self.fs, self.path, self.tmp, self.fence = fs, path, posixpath.join(head, f".{tail}.inprogress"), fence
         self.f = fs.open(self.tmp, "wb")
+        self.failed = False
+        self._in_flight = sys.exc_info()[1]  # an error already being handled is not this write's
 
     def __getattr__(self, name):
         return getattr(self.f, name)
 
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except BaseException:  # disk full, I/O error: what was written is not the whole file
+            self.failed = True
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except BaseException:
+            self.failed = True
+            raise
+
+    @property
+    def closed(self) -> bool:
+        return self.f.closed
+
     def close(self) -> None:
-        if not self.f.closed:
+        """Publish the file, unless something failed on the way (then discard it)."""
+        if self.f.closed:
+            return
+        unwinding = sys.exc_info()[1]
+        if self.failed or (unwinding is not None and unwinding is not self._in_flight):
+            logger.warning("not publishing %s: its write did not complete", self.path)
+            return self.discard()
+        try:
             self.f.close()
-            if self.fence is not None:
-                try:
-                    self.fence()
-                except BaseException:
-                    self.fs.rm(self.tmp)
-                    raise
-            self.fs.mv(self.tmp, self.path)
+            if self.fence is not None:  # still this run's output? (pipeline/lease.py)
+                self.fence()
+        except BaseException:
+            self.discard()
+            raise
+        self.fs.mv(self.tmp, self.path)
+
+    def discard(self) -> None:
+        """Drop the hidden file; nothing is published."""
+        self.failed = True
+        try:
+            if not self.f.closed:
+                self.f.close()
+        except Exception:  # closing may fail for the same reason the write did
+            logger.debug("closing %s failed", self.tmp, exc_info=True)
+        if self.fs.exists(self.tmp):
+            self.fs.rm(self.tmp)
+
+    def __del__(self) -> None:
+        # Dropped unclosed: a writer that failed without closing (pyarrow's dataset writer does).
+        try:
+            if not self.f.closed:
+                self.discard()
+        except Exception:
+            pass
 
     def __enter__(self) -> "open_atomic":
         return self
@@ -76,8 +131,7 @@ class open_atomic:
         if exc_type is None:
             self.close()
         else:
-            self.f.close()
-            self.fs.rm(self.tmp)
+            self.discard()
 
 
 class fenced_upload:
@@ -111,7 +165,6 @@ class OutputHandler(FSSpecHandler):
         self.fence = fence
 
     def open_output_stream(self, path, metadata):
-        from pyarrow import PythonFile
 
         if is_local(self.fs):
             return PythonFile(open_atomic(self.fs, path, self.fence), mode="w")

@@ -184,6 +184,21 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
     return out
 
 
+def settled(metrics_url: str, done=None) -> dict:
+    """Scrape until `done(samples)` holds, or (no `done`) until two scrapes a second apart agree:
+    Ray exports every half second, so what was just counted may not be exported yet."""
+    import time
+
+    deadline = time.monotonic() + 30
+    last = None
+    while True:
+        samples = scrape(metrics_url)
+        if (done(samples) if done else samples == last) or time.monotonic() > deadline:
+            return samples
+        last = samples
+        time.sleep(0.25 if done else 1.0)
+
+
 def value(samples: dict, name: str, **labels) -> float:
     """The sum of the samples of `name` whose labels include `labels`."""
     want = set((k, str(v)) for k, v in labels.items())

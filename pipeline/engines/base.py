@@ -12,7 +12,7 @@ import logging
 from typing import AsyncIterator, Callable, Iterator, Protocol, runtime_checkable
 
 from ..config import Config, GenerationConfig
-from ..errors import EngineError
+from ..errors import EngineDead, EngineError
 from ..records import PreparedRequest, Result
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,11 @@ class Engine(Protocol):
         """Yield text deltas of one request, then its `Result`; the deltas join to its text."""
         ...
 
+    def close(self) -> None:
+        """Free the model now (its memory, any worker processes); the owner calls it when it
+        ends (`release`). Calling it again does nothing."""
+        ...
+
 
 @runtime_checkable
 class AsyncEngine(Protocol):
@@ -55,6 +60,10 @@ class AsyncEngine(Protocol):
         """As `Engine.stream`, asynchronously."""
         ...
 
+    def close(self) -> None:
+        """As `Engine.close`."""
+        ...
+
 
 def is_async(engine_type: type) -> bool:
     """Whether instances of `engine_type` are awaited (AsyncEngine) or called (Engine)."""
@@ -63,6 +72,36 @@ def is_async(engine_type: type) -> bool:
     if issubclass(engine_type, Engine):
         return False
     raise TypeError(f"{engine_type.__name__} implements neither Engine nor AsyncEngine")
+
+
+def release(engine: Engine | AsyncEngine | None) -> None:
+    """Close the engine of an actor or replica that is ending (its `__del__`, which Ray Data
+    and Serve call on a graceful stop): never raises, a destructor must not."""
+    if engine is None:
+        return
+    try:
+        engine.close()
+    except Exception:
+        logger.warning("closing the engine failed", exc_info=True)
+
+
+# What torch says after a CUDA error that leaves the process's device context unusable: every
+# later kernel fails too, so the actor must go (Ray restarts it), not fail row after row.
+_DEVICE_LOST = ("cuda error", "device-side assert", "illegal memory access", "illegal instruction",
+                "unspecified launch failure", "cublas_status_execution_failed", "cudnn_status_execution_failed",
+                "misaligned address", "uncorrectable ecc error")
+
+
+def poisons_device(error: BaseException) -> bool:
+    """Whether `error` means the engine can no longer run in this process: a torch
+    `RuntimeError` (`torch.AcceleratorError` is one) whose text reports a lost CUDA context. Out
+    of memory is not: freeing the batch recovers, and the row fallback retries smaller."""
+    import torch
+
+    if not isinstance(error, RuntimeError) or isinstance(error, torch.OutOfMemoryError):
+        return False
+    text = str(error).lower()
+    return "out of memory" not in text and any(marker in text for marker in _DEVICE_LOST)
 
 
 def resolve_device(cfg: Config) -> str:
@@ -94,12 +133,17 @@ def generate_with_row_fallback(
     run_batch: Callable[[list[PreparedRequest]], list[Result]], requests: list[PreparedRequest]
 ) -> list[Result]:
     """Run a batch; if it raises, retry row by row so one bad row (or a batch too big for
-    memory) fails alone with an `engine: ...` error instead of taking its batch with it."""
+    memory) fails alone with an `engine: ...` error instead of taking its batch with it. An error
+    that leaves the device unusable (`poisons_device`) is `EngineDead` instead: no row is to blame."""
     if not requests:
         return []
     try:
         return run_batch(requests)
+    except EngineDead:
+        raise
     except Exception as e:
+        if poisons_device(e):
+            raise EngineDead(f"{type(e).__name__}: {' '.join(str(e).split())}") from e
         if len(requests) == 1:
             logger.warning("row %r failed in the engine: %s", requests[0].id, e)
             return [failed(requests[0], e)]

@@ -152,6 +152,21 @@ class HFEngine(EngineLabels):
             kwargs.update(stop_strings=sampling.stop, tokenizer=self.tokenizer)
         return kwargs
 
+    def close(self) -> None:
+        """Drop the model's weights now (the process may live on: a replica being replaced)."""
+        import gc
+
+        import torch
+
+        with self._lock:  # after any generation in flight
+            if self.model is None:
+                return
+            self.model = None
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        logger.info("closed %s", self.model_name)
+
     # -- generation -----------------------------------------------------------------------------
     def generate(self, requests: list[PreparedRequest], sampling: GenerationConfig) -> list[Result]:
         return generate_with_row_fallback(lambda batch: self._generate_batch(batch, sampling), requests)
@@ -168,10 +183,17 @@ class HFEngine(EngineLabels):
         return [self._result(r, row, sampling) for r, row in zip(requests, new_tokens)]
 
     def _result(self, request: PreparedRequest, tokens: np.ndarray, sampling: GenerationConfig) -> Result:
-        ends = [i for i, t in enumerate(tokens.tolist()) if t in self.eos_ids]
-        n = ends[0] + 1 if ends else len(tokens)
+        ids = tokens.tolist()
+        ends = [i for i, t in enumerate(ids) if t in self.eos_ids]
+        n = ends[0] + 1 if ends else len(ids)
         text = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
         text, stopped = truncate_at_stop(text, sampling.stop)
+        if stopped and not ends:
+            # A row its stop string ended while the batch ran on was padded from there with the
+            # pad token (not EOS for the llava-hf tokenizers): the token that completed the stop
+            # string has text, so the trailing pad run is padding, not generated tokens.
+            while n and ids[n - 1] == self.pad_id:
+                n -= 1
         finish = "stop" if ends or stopped else "length"
         return Result(request.id, text, finish, request.prompt_tokens, request.image_tokens, n)
 

@@ -21,7 +21,7 @@ from ..checkpoint import Checkpoint
 from ..config import Config, GenerationConfig
 from ..errors import EngineDead, EngineError
 from ..records import PreparedRequest, Result
-from .base import EngineLabels, failed, generate_with_row_fallback, resolve_dtype
+from .base import EngineLabels, failed, generate_with_row_fallback
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def engine_args(cfg: Config, checkpoint: Checkpoint) -> dict[str, Any]:
     return dict(
         model=checkpoint.path,
         revision=checkpoint.revision,
-        dtype=resolve_dtype(cfg, "cuda"),
+        dtype=cfg.model.dtype,  # "auto": vLLM reads the checkpoint's dtype and what the GPU supports
         max_model_len=v.max_model_len,
         limit_mm_per_prompt={"image": v.limit_mm_per_prompt},
         gpu_memory_utilization=v.gpu_memory_utilization,
@@ -85,8 +85,9 @@ def final_result(request: PreparedRequest, output) -> Result:
     return to_result(request, output.prompt_token_ids, c.text, len(c.token_ids), c.finish_reason)
 
 
-def _label(cfg: Config) -> str:
-    return f"vllm/{resolve_dtype(cfg, 'cuda')}"
+def dtype_label(dtype: Any) -> str:
+    """The backend label of the dtype vLLM resolved (a torch dtype): vllm/float16, ..."""
+    return f"vllm/{str(dtype).removeprefix('torch.')}"
 
 
 class VLLMEngine(EngineLabels):
@@ -95,9 +96,9 @@ class VLLMEngine(EngineLabels):
     def __init__(self, cfg: Config, checkpoint: Checkpoint):
         from vllm import LLM
 
-        super().__init__(checkpoint.name, _label(cfg))
         start = time.perf_counter()
         self.llm = LLM(**engine_args(cfg, checkpoint))
+        super().__init__(checkpoint.name, dtype_label(self.llm.llm_engine.model_config.dtype))
         logger.info("vLLM engine for %s (%s) ready in %.1f s", self.model_name, self.backend, time.perf_counter() - start)
 
     def generate(self, requests: list[PreparedRequest], sampling: GenerationConfig) -> list[Result]:
@@ -129,11 +130,11 @@ class VLLMAsyncEngine(EngineLabels):
     def __init__(self, cfg: Config, checkpoint: Checkpoint):
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
-        super().__init__(checkpoint.name, _label(cfg))
         start = time.perf_counter()
         # Built outside any event loop is fine: AsyncLLM starts its output handler on the loop
         # of the first request (Ray Data's UDF loop or the Serve replica's).
         self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**engine_args(cfg, checkpoint)))
+        super().__init__(checkpoint.name, dtype_label(self.engine.model_config.dtype))
         logger.info("vLLM async engine for %s (%s) ready in %.1f s", self.model_name, self.backend, time.perf_counter() - start)
 
     def _stream(self, request: PreparedRequest, params):

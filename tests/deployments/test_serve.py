@@ -24,7 +24,7 @@ from tests.conftest import (
     reference,
     resized,
     saved,
-    scrape,
+    settled,
     value,
     write_parquet,
 )
@@ -249,19 +249,6 @@ def test_sampling_parameters(client):
     assert seven != greedy and seven != eight
 
 
-def _settled(metrics_url: str, done=None) -> dict:
-    """Scrape until `done(samples)` holds, or (no `done`) until two scrapes a second apart agree:
-    Ray exports every half second, so a request just answered may not be counted yet."""
-    deadline = time.monotonic() + 30
-    last = None
-    while True:
-        samples = scrape(metrics_url)
-        if (done(samples) if done else samples == last) or time.monotonic() > deadline:
-            return samples
-        last = samples
-        time.sleep(0.25 if done else 1.0)
-
-
 def _batched(samples) -> tuple[float, float]:
     """(batches, requests in them) from the batch-size histogram's per-size buckets."""
     at = lambda k: value(samples, "ray_llava_ray_batch_size_bucket", le=f"{float(k)}")  # noqa: E731
@@ -273,7 +260,7 @@ def test_16_concurrent_requests_are_answered_in_batches(app, client, metrics_url
     prompts = ["What is this?", "Describe the picture.", "What color is the sky?", "How many people are there?"]
     requests = [[user(data_uri(images[i % 4]), prompts[i // 4])] for i in range(16)]
     alone = [ask(client, m, max_tokens=MAX_NEW).choices[0].message.content for m in requests]
-    before = _settled(metrics_url)
+    before = settled(metrics_url)
     sizes = lambda s: _batched(s)[1] - _batched(before)[1]  # noqa: E731
 
     async def together():
@@ -283,7 +270,7 @@ def test_16_concurrent_requests_are_answered_in_batches(app, client, metrics_url
         )
 
     answers = asyncio.run(together())
-    after = _settled(metrics_url, lambda s: sizes(s) >= 16)
+    after = settled(metrics_url, lambda s: sizes(s) >= 16)
     assert [a.choices[0].message.content for a in answers] == alone
     assert sizes(after) == 16  # every request in exactly one batch
     batches = _batched(after)[0] - _batched(before)[0]
@@ -295,7 +282,7 @@ def test_endpoint_metrics_count_what_was_sent(app, client, metrics_url):
     def requests(s, status, stream):
         return value(s, "ray_llava_ray_requests_total", status=status, stream=stream)
 
-    before = _settled(metrics_url)
+    before = settled(metrics_url)
     messages = [user(data_uri(ASTRONAUT), "Count me.")]
     for _ in range(3):
         ask(client, messages, max_tokens=4)
@@ -305,7 +292,7 @@ def test_endpoint_metrics_count_what_was_sent(app, client, metrics_url):
     def delta(s, name, **labels):
         return value(s, name, **labels) - value(before, name, **labels)
 
-    after = _settled(metrics_url, lambda s: delta(s, "ray_llava_ray_request_seconds_count") >= 5
+    after = settled(metrics_url, lambda s: delta(s, "ray_llava_ray_request_seconds_count") >= 5
                      and _batched(s)[1] - _batched(before)[1] >= 3)  # the ingress and the replica export apart
     assert (requests(after, "200", "false") - requests(before, "200", "false"),
             requests(after, "200", "true") - requests(before, "200", "true"),
@@ -627,9 +614,9 @@ def test_dropped_streams_are_aborted_and_memory_plateaus(app, ray_local, metrics
     aborted = lambda s: value(s, "ray_llava_ray_streams_aborted_total")  # noqa: E731
     rss = []
     for _ in range(6):
-        start = aborted(_settled(metrics_url))
+        start = aborted(settled(metrics_url))
         asyncio.run(round_of(12))  # within the model's 8 in flight + 16 queued: none refused
-        after = _settled(metrics_url, lambda s: aborted(s) - start >= 12)
+        after = settled(metrics_url, lambda s: aborted(s) - start >= 12)
         assert aborted(after) - start == 12  # every dropped stream was stopped in the engine
         rss.append(_replica_rss(ray_local))
     assert rss[5] - rss[2] < 0.05 * rss[2], rss  # a plateau after the first rounds

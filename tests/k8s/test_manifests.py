@@ -497,3 +497,14 @@ def test_serve_app_builds_from_the_manifest_args(rayservice, tiny_llava_next):
     application = build_app(args)
     assert isinstance(application, serve.Application)
     assert ray.is_initialized() == ray_was_up, "build_app must only bind deployments, not start Ray/Serve"
+
+
+def test_the_endpoints_api_key_secret_is_required(rayservice):
+    """The RayService serves on 0.0.0.0: a missing key Secret must stop its pods from starting,
+    never start them without authentication."""
+    containers = list(ray_containers(rayservice))
+    assert containers
+    for _, container in containers:
+        [key] = [e for e in container.get("env", []) if e["name"] == "LLAVA_RAY_API_KEY"]
+        ref = key["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "llava-api-key" and ref.get("optional", False) is False

@@ -149,3 +149,15 @@ def test_serve_answers_until_interrupted(tmp_path, tiny_llava):
 def test_serve_with_a_bad_config_exits_2(tmp_path):
     res = cli("serve", "configs/serve-tiny.yaml", "--set", "serve.port=0")
     assert (res.returncode, res.stderr.strip()) == (2, "config error: serve.port: Input should be greater than or equal to 1")
+
+
+def test_the_demo_input_is_what_its_docstring_says(tmp_path):
+    """Real photos as PNG and one truncated PNG that must fail."""
+    import pyarrow.parquet as pq
+
+    from pipeline.demo import PHOTOS, write_demo_input
+
+    rows = {r["id"]: r["image"] for r in pq.read_table(write_demo_input(tmp_path / "in.parquet")).to_pylist()}
+    assert set(rows) == {*PHOTOS, "broken"} and all(b.startswith(b"\x89PNG") for b in rows.values())
+    assert len(rows["broken"]) == 200
+    assert "a truncated PNG that must fail" in write_demo_input.__doc__

@@ -262,3 +262,13 @@ def test_https_sends_sni_and_verifies_the_certificate_for_the_name(https_server)
     # Same server by address: the certificate names 'localhost', not 127.0.0.1.
     msg = _refused(f"https://127.0.0.1:{port}/img.png", fetch)
     assert msg.startswith("image: TLS certificate of 127.0.0.1 did not verify: ")
+
+
+def test_the_retried_statuses_are_the_documented_ones():
+    """README and the fetcher's docstring name exactly the statuses that are retried."""
+    from pipeline.fetch import _TRANSIENT_STATUSES, fetch_url
+    from tests.conftest import ROOT
+
+    listed = ", ".join(str(s) for s in sorted(_TRANSIENT_STATUSES))
+    assert f"retries on connection errors and {listed}," in " ".join((ROOT / "README.md").read_text().split())
+    assert f"Connection failures and {listed} answers are retried" in " ".join(fetch_url.__doc__.split())

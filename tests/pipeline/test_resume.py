@@ -1,5 +1,6 @@
 """Resume after a stop, --retry-failed, and a model actor killed mid-job: exactly once, always."""
 
+import json
 import os
 import signal
 import subprocess
@@ -16,8 +17,10 @@ import yaml
 from pipeline.config import load_config
 from pipeline.errors import JobError
 from pipeline.job import run_job
-from pipeline.resume import checkpoint_path
-from tests.conftest import ROOT, cli, read_output, reference, resized, write_parquet
+from pipeline.manifest import NAME
+from pipeline.progress import COLUMNS, Tally
+from pipeline.resume import PENDING, checkpoint_path
+from tests.conftest import ROOT, cli, read_output, reference, resized, settled, value, write_parquet
 
 pytestmark = pytest.mark.slow
 
@@ -88,6 +91,7 @@ def test_a_killed_job_rerun_at_once_resumes_where_it_stopped(ray_local, tiny_lla
     assert set(out) == {f"r{i:03d}" for i in range(48)}
     assert all(r["error"] is None for r in out.values())
     assert summary.rows_processed == 48 - len(done)  # only what was missing
+    _assert_counts_equal_output(cfg, summary)
 
     again = run_job(cfg)  # a finished job: nothing left to do
     assert again.rows_processed == 0 and again.rows_total == 48
@@ -199,3 +203,58 @@ def test_model_actor_killed_mid_job_every_row_exactly_once(ray_local, tiny_llava
     assert summary.rows_total == 40 and summary.rows_failed == 0
     rows = pads.dataset(cfg.output.path, format="parquet").to_table().num_rows
     assert rows == 40
+
+
+def _assert_counts_equal_output(cfg, summary) -> Tally:
+    """The summary and the manifest's last entry count exactly the rows in the output; returns
+    the tally of the files this run wrote."""
+    table = pads.dataset(cfg.output.path, format="parquet").to_table(columns=COLUMNS)
+    whole = Tally.of(table)
+    assert (summary.rows_total, summary.rows_ok, summary.rows_failed) == (whole.rows, whole.ok, whole.failed)
+    last = json.loads((Path(cfg.output.path) / NAME).read_text())[-1]
+    assert (last["rows"]["total"], last["rows"]["ok"], last["rows"]["failed"]) == (whole.rows, whole.ok, whole.failed)
+    written = [str(Path(cfg.output.path) / name) for name in last["files_written"]]
+    ran = Tally.of(pads.dataset(written, format="parquet").to_table(columns=COLUMNS)) if written else Tally()
+    assert (summary.rows_processed, summary.generated_tokens) == (ran.rows, ran.generated_tokens)
+    assert last["rows"]["processed_this_run"] == ran.rows and last["tokens_this_run"]["generated"] == ran.generated_tokens
+    return ran
+
+
+def test_counts_after_a_stop_mid_commit_equal_the_output(ray_local, metrics_url, tiny_llava, tmp_path):
+    """A stop after a block's data file is written but before Ray commits its checkpoint (two
+    phases: `<prefix>.pending.parquet`, then renamed) leaves that file; the rerun's Ray deletes
+    it and runs its rows again, so it is neither done before the rerun nor written by it."""
+    _, cfg = _config(tiny_llava, tmp_path, 12)  # 3 blocks of 4
+    run_job(cfg)
+    committed = sorted(Path(checkpoint_path(cfg)).glob("*.parquet"))
+    assert len(committed) == 3
+    block = committed[0]  # that state, exactly: this block's commit undone
+    block.rename(block.with_name(block.name[: -len(".parquet")] + PENDING))
+    stale = [p for p in Path(cfg.output.path).glob("*.parquet") if p.name.startswith(block.name[: -len(".parquet")])]
+    assert len(stale) == 1
+
+    counted = lambda s, name: value(s, f"ray_llava_ray_{name}_total")  # noqa: E731
+    before = settled(metrics_url)
+    summary = run_job(cfg)
+    assert not stale[0].exists()  # Ray deleted it
+    assert set(read_output(cfg.output.path)) == {f"r{i:03d}" for i in range(12)}
+    assert (summary.rows_total, summary.rows_processed) == (12, 4)
+    ran = _assert_counts_equal_output(cfg, summary)
+    after = settled(metrics_url, lambda s: counted(s, "rows") - counted(before, "rows") >= ran.rows)
+    assert counted(after, "rows") - counted(before, "rows") == ran.rows == 4
+    assert counted(after, "generated_tokens") - counted(before, "generated_tokens") == ran.generated_tokens
+
+
+def test_an_unreadable_output_file_at_start_is_one_line_naming_it(tiny_llava, tmp_path):
+    _, cfg = _config(tiny_llava, tmp_path, 4)
+    out = Path(cfg.output.path)
+    out.mkdir()
+    table = pads.dataset(write_parquet(tmp_path / "ok.parquet", [{"id": "r000"}]), format="parquet").to_table()
+    pq.write_table(table, out / "part-1.parquet")
+    bad = out / "part-0.parquet"
+    bad.write_bytes((tmp_path / "ok.parquet").read_bytes()[:-20])  # cut short, as a write that died
+    with pytest.raises(JobError) as e:
+        run_job(cfg)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"output.path: {bad} is not a readable Parquet file (")
+    assert message.endswith("move it away and rerun: the rows it held run again")

@@ -82,3 +82,40 @@ def test_a_cpu_actor_decodes_one_row_per_cpu_at_once_while_more_rows_read_their_
     assert [p["error"] for p in prepared] == [None] * 8
     assert peaks["decode_image"] == 2  # one per CPU: PIL releases the GIL, so they do run at once
     assert peaks["load_bytes"] > 2  # reads of S3 / http(s) images overlap beyond the CPUs
+
+
+KEY, SECRET, API_KEY = "AKIA-not-for-actors", "s3cret-not-for-actors", "api-key-not-for-actors"
+
+
+def test_no_secret_travels_in_an_actors_arguments(ray_local, tiny_llava):
+    """Ray shows actor arguments in its dashboard and task specs: the constructor kwargs of both
+    pools, pickled as Ray pickles them, hold no secret; the preprocessing actor still reads s3://
+    images with the configured credentials (by reference, from the object store)."""
+    import ray.cloudpickle as cloudpickle
+
+    from pipeline.stages import PreprocessStage, generate_kwargs, preprocess_kwargs
+
+    cfg = load_config({"model": {"name": tiny_llava}, "input": {"path": "in.parquet"},
+                       "storage": {"key": KEY, "secret": SECRET}, "serve": {"api_key": API_KEY}})
+    pre, gen = preprocess_kwargs(cfg), generate_kwargs(cfg)
+    for kwargs in (pre, gen):
+        sent = cloudpickle.dumps(kwargs["fn_constructor_kwargs"]) + repr(kwargs).encode()
+        assert not [s for s in (KEY, SECRET, API_KEY) if s.encode() in sent]
+    stage = PreprocessStage(**pre["fn_constructor_kwargs"])
+    assert (stage.cfg.storage.key, stage.cfg.storage.secret, stage.cfg.serve.api_key) == (KEY, SECRET, None)
+
+
+def test_the_model_actor_closes_its_engine_when_ray_data_drops_it(tiny_llava):
+    """Ray Data deletes the actor's UDF on a graceful stop (`__ray_shutdown__`): its engine is
+    closed then, the model's weights freed (vLLM's worker processes stopped), not left behind."""
+    import gc
+    import weakref
+
+    from pipeline.stages import GenerateStage
+
+    stage = GenerateStage({"model": {"name": tiny_llava}, "input": {"path": "unused"}})
+    engine = stage.engine
+    model = weakref.ref(engine.model)
+    del stage
+    gc.collect()
+    assert engine.model is None and model() is None

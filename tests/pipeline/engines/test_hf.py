@@ -77,3 +77,19 @@ def test_a_row_that_breaks_its_batch_fails_alone(setup):
     assert out[0] == alone[0] and out[2] == alone[1]
     assert (out[1].text, out[1].error) == (None, "engine: ValueError: Input image size (7*7) doesn't match model (336*336).")
     assert out[1].prompt_tokens == broken.prompt_tokens
+
+
+def test_a_batch_mixing_stopped_and_unstopped_rows_equals_each_row_alone(setup):
+    """A row cut by a stop string ends early; the batch runs on for the others and pads it with
+    the pad token, which for llava-hf tokenizers is not EOS. Its text and completion_tokens (the
+    online usage, the output column, tokens/s) are what it gets alone."""
+    cfg, engine, requests = setup
+    assert engine.pad_id not in engine.eos_ids
+    a, b = (engine.generate([r], cfg.generation)[0].text for r in requests)
+    stop = next(a[i : i + 3] for i in range(len(a) // 3, len(a) - 3) if a[i : i + 3].strip() and a[i : i + 3] not in b)
+    sampling = cfg.generation.model_copy(update={"stop": [stop]})
+    alone = [engine.generate([r], sampling)[0] for r in requests]
+    assert [r.finish_reason for r in alone] == ["stop", "length"]
+    together = engine.generate(requests, sampling)
+    assert together == alone
+    assert together[0].completion_tokens < together[1].completion_tokens == cfg.generation.max_new_tokens

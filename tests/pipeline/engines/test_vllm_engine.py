@@ -27,7 +27,9 @@ from tests.conftest import (
     write_parquet,
 )
 
-pytestmark = pytest.mark.gpu  # run by `make test-gpu`; skipped (saying why) where CUDA or vLLM is missing
+# The `gpu` tests run by `make test-gpu`, skipped (saying why) where CUDA or vLLM is missing; the
+# others check, without vLLM, what the engine hands it.
+gpu = pytest.mark.gpu
 
 MAX_NEW = 24
 # Each vLLM engine here takes a fifth of the GPU, so engines that outlive their test still fit.
@@ -35,6 +37,20 @@ VLLM = {"enforce_eager": True, "gpu_memory_utilization": 0.2, "max_model_len": 4
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field", "immunohistochemistry", "retina"]
 SHAPES = [(1024, 768), (768, 1024), (2000, 1500), (300, 900), (480, 640), (900, 300), (1200, 1201), (336, 336)]
 PROMPTS = ["Describe this image.", "What is shown here?", "What colours do you see?", "Is there a person?"]
+
+
+@pytest.mark.parametrize("dtype", ["auto", "float16", "bfloat16", "float32"])
+def test_the_configured_dtype_reaches_vllm_as_is(tiny_llava, dtype):
+    """`auto` is vLLM's own choice (the checkpoint's dtype, float16 for llava-1.5-hf, and what the
+    GPU supports: no bfloat16 on a T4 or V100), never replaced by bfloat16 here."""
+    import torch
+
+    from pipeline.checkpoint import Checkpoint
+    from pipeline.engines.vllm_engine import dtype_label, engine_args
+
+    cfg = load_config({"model": {"name": tiny_llava, "dtype": dtype}, "backend": "vllm"})
+    assert engine_args(cfg, Checkpoint.load(cfg.model))["dtype"] == dtype
+    assert dtype_label(torch.float16) == "vllm/float16"  # the label is the dtype vLLM resolved
 
 
 def _rows(n: int) -> list[tuple[str, bytes, str]]:
@@ -71,6 +87,7 @@ def _generate(cfg, rows, engine):
     return full, first
 
 
+@gpu
 @pytest.mark.parametrize("family", ["tiny_llava", "tiny_llava_next"])
 def test_vllm_greedy_output_agrees_with_transformers(request, record_property, family):
     from pipeline.checkpoint import Checkpoint
@@ -101,6 +118,7 @@ def test_vllm_greedy_output_agrees_with_transformers(request, record_property, f
     assert text_equal >= 0.9 * len(rows)
 
 
+@gpu
 def test_offline_job_with_vllm_writes_every_row_once(ray_local, tiny_llava_next, tmp_path):
     from pipeline.job import run_job
 
@@ -134,7 +152,8 @@ def test_offline_job_with_vllm_writes_every_row_once(ray_local, tiny_llava_next,
     assert (summary.rows_ok, summary.rows_failed) == (len(good), len(bad))
     for k in good:
         assert out[k]["error"] is None and out[k]["text"] is not None, (k, out[k]["error"])
-        assert out[k]["completion_tokens"] > 0 and out[k]["backend"] == "vllm/bfloat16"
+        # dtype auto: vLLM chooses from the checkpoint (float32 here) and the GPU, a 16-bit type
+        assert out[k]["completion_tokens"] > 0 and out[k]["backend"] in ("vllm/float16", "vllm/bfloat16")
     processor = preprocessor(cfg).processor  # both images go at their own size: counts add up
     assert out["pair"]["image_tokens"] == sum(processor._get_num_multimodal_tokens(image_sizes=[(240, 320), (200, 300)]).num_image_tokens)
     assert out["corrupt"]["error"].startswith("image: truncated or corrupt")
@@ -149,6 +168,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@gpu
 def test_serve_app_streams_from_vllm(ray_local, tiny_llava):
     import base64
 
