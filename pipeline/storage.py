@@ -126,8 +126,10 @@ def arrow_fs(url: str, storage: StorageConfig, fence: Callable[[], None] | None 
     return PyFileSystem(OutputHandler(fs, fence)), path
 
 
-def input_files(paths: str | list[str], storage: StorageConfig) -> tuple[FileSystem, list[str]]:
-    """Expand files, folders and globs to the Parquet files they name (sorted, deterministic)."""
+def input_files(paths: str | list[str], storage: StorageConfig, extensions: tuple[str, ...] = (".parquet",),
+                what: str = "Parquet") -> tuple[FileSystem, list[str]]:
+    """Expand files, folders and globs to the input files they name (sorted, deterministic): a
+    folder to its files ending in one of `extensions`, a glob to every file it matches."""
     urls = [paths] if isinstance(paths, str) else list(paths)
     files: list[str] = []
     fs = None
@@ -141,13 +143,13 @@ def input_files(paths: str | list[str], storage: StorageConfig) -> tuple[FileSys
                     kind = fs.info(path)["type"]
                 except FileNotFoundError:
                     raise JobError(f"input.path: {url} does not exist") from None
-                found = sorted(p for p in fs.find(path) if p.endswith(".parquet")) if kind == "directory" else [path]
+                found = sorted(p for p in fs.find(path) if p.lower().endswith(extensions)) if kind == "directory" else [path]
         except JobError:
             raise
         except Exception as e:  # credentials, access denied, a bucket that is not there, a bad URL
             raise JobError(f"input.path: cannot read {url}: {one_line(e)}") from None
         if not found:
-            raise JobError(f"input.path: no Parquet files at {url}")
+            raise JobError(f"input.path: no {what} files at {url}")
         files.extend(found)
     return PyFileSystem(FSSpecHandler(fs)), files
 
