@@ -106,8 +106,8 @@ class StorageConfig(_Strict):
 
 class InputConfig(_Strict):
     path: str | list[str]
-    # auto: by the files' extensions (.parquet, .jsonl/.json/.ndjson, .csv), said in the log.
-    format: Literal["auto", "parquet", "json", "csv"] = "auto"
+    # auto: by the files' extensions (.parquet, .jsonl/.json/.ndjson, .csv, image files), said in the log.
+    format: Literal["auto", "parquet", "json", "csv", "images"] = "auto"
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
     passthrough: list[str] = Field(default_factory=list)
     duplicate_ids: Literal["error", "keep_first"] = "error"

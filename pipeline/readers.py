@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from .config import Config
 from .errors import JobError
-from .storage import input_files, parquet_dataset
+from .storage import fsspec_fs, input_files, parquet_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,67 @@ class CsvReader(_TextTableReader):
         return ray.data.read_csv(self.files, filesystem=self.fs, convert_options=convert).select_columns(columns)
 
 
-READERS: dict[str, type[Reader]] = {r.format: r for r in (ParquetReader, JsonReader, CsvReader)}
+class ImagesReader(Reader):
+    """A folder, prefix or glob of image files: one row per file, its id the path relative to
+    the folder (a glob: its folder before the first wildcard; a file: its folder) and its
+    `image_path` the file's full path or URL. Only names cross to Ray: each image is read by
+    the CPU actors (`images.py`), as an `image_path` column is."""
+
+    format, what = "images", "image"
+    extensions = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+    def __init__(self, cfg: Config):
+        urls = [cfg.input.path] if isinstance(cfg.input.path, str) else list(cfg.input.path)
+        self.names, self.urls, listed = [], [], []
+        for url in urls:
+            fs, files = input_files(url, cfg.storage, self.extensions, self.what)
+            path = fsspec_fs(url, cfg.storage)[1]
+            if any(ch in path for ch in "*?["):
+                root = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
+            else:
+                root = posixpath.dirname(path) if files == [path] else path.rstrip("/")
+            scheme = url.split("://", 1)[0] + "://" if "://" in url else ""
+            self.names += [posixpath.relpath(f, root) for f in files]
+            self.urls += [scheme + f for f in files]
+            listed += files
+        super().__init__(cfg, fs, listed)
+
+    def _table(self) -> pa.Table:
+        cols = self.cfg.input.columns
+        return pa.table({cols.id: pa.array(self.names, pa.string()), cols.image_path: pa.array(self.urls, pa.string())})
+
+    def schemas(self) -> list[pa.Schema]:
+        return [self._table().schema] * len(self.files)
+
+    def ids(self, column: str) -> pa.ChunkedArray:
+        return pa.chunked_array([pa.array(self.names, pa.string())])
+
+    def dataset(self, columns: list[str], schema: pa.Schema):
+        import ray
+
+        # A Read (not from_arrow), so Ray's checkpoint filter and writer apply: resume works.
+        return ray.data.read_datasource(_table_source(self._table().select(columns), self.cfg.resources.rows_per_block))
+
+
+def _table_source(table: pa.Table, rows_per_task: int):
+    """A Ray Data datasource over a table the driver already holds (an input's listing)."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class TableSource(Datasource):
+        def estimate_inmemory_data_size(self) -> int:
+            return table.nbytes
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
+            step = max(rows_per_task, -(-table.num_rows // max(parallelism, 1)))
+            slices = [table.slice(i, step) for i in range(0, table.num_rows, step)]
+            return [ReadTask(lambda part=part: [part], BlockMetadata(part.num_rows, part.nbytes, None, None),
+                             schema=table.schema, per_task_row_limit=per_task_row_limit) for part in slices]
+
+    return TableSource()
+
+
+READERS: dict[str, type[Reader]] = {r.format: r for r in (ParquetReader, JsonReader, CsvReader, ImagesReader)}
 
 
 def _auto(cfg: Config) -> type[Reader]:

@@ -121,3 +121,83 @@ def _read_output(cfg, key: str = "key") -> dict:
     assert len(by_id) == len(rows), "duplicate ids in the output"
     return by_id
 
+
+def _image_folder(put, n: int, bad: bool = True) -> dict[str, bytes]:
+    """`n` small real photos under nested folders (and a corrupt JPEG and a stray text file)."""
+    names = ["astronaut", "coffee", "rocket", "chelsea"]
+    files = {f"{'sub/' if i % 2 else ''}{i:03d}.{'png' if i % 3 == 0 else 'jpg'}":
+             resized(names[i % 4], 40 + i, 56, "PNG" if i % 3 == 0 else "JPEG") for i in range(n)}
+    if bad:
+        files["sub/corrupt.jpg"] = encode(photo("coffee"), "JPEG")[:200]
+    for name, data in {**files, "notes.txt": b"not an image"}.items():
+        put(name, data)
+    return files
+
+
+def test_image_ids_are_paths_under_the_folder_glob_or_file(tiny_llava, tmp_path):
+    def put(name, data):
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(data)
+
+    files = _image_folder(put, 3, bad=False)
+    for path, ids in [(f"{tmp_path}/in", sorted(files)), (f"{tmp_path}/in/sub/*.jpg", ["001.jpg"]),
+                      (f"{tmp_path}/in/000.png", ["000.png"])]:
+        cfg = load_config({"model": {"name": tiny_llava}, "input": {"path": path}, "output": {"path": str(tmp_path / "out")}})
+        plan = inspect_input(cfg, open_input(cfg))
+        assert (plan.reader.format, plan.columns, plan.reader.ids("id").to_pylist()) == ("images", ["id", "image_path"], ids)
+    assert plan.reader.urls == [f"{tmp_path}/in/000.png"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_image_folder_job_ids_are_relative_paths(ray_local, tiny_llava, tmp_path, request, store):
+    if store == "s3":
+        url = request.getfixturevalue("s3_endpoint")
+        fs, root = s3_fs(url), f"{BUCKET}/images-folder"
+        put, prefix, extra = (lambda name, data: fs.pipe(f"{root}/in/{name}", data)), f"s3://{root}", {"storage": s3_storage(url)}
+    else:
+        def put(name, data):
+            (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "in" / name).write_bytes(data)
+        prefix, extra = str(tmp_path), {}
+    files = _image_folder(put, 4)
+    cfg = load_config({"model": {"name": tiny_llava}, "generation": {"max_new_tokens": 4},
+                       "input": {"path": f"{prefix}/in/"}, "output": {"path": f"{prefix}/out"},
+                       "resources": {"rows_per_block": 2, "model_batch_size": 2, "preprocess_batch_size": 2}} | extra)
+    assert open_input(cfg).format == "images"
+    summary = run_job(cfg)
+    out = _read_output(cfg, "id")
+    assert sorted(out) == sorted(files)  # every image once, keyed by its path under input.path
+    assert (summary.rows_total, summary.rows_ok, summary.rows_failed) == (5, 4, 1)
+    assert out["sub/corrupt.jpg"]["error"].startswith("image: ")
+    assert run_job(cfg).rows_processed == 0  # the same ids on a rerun
+
+
+@pytest.mark.slow
+def test_image_folder_job_killed_and_rerun_processes_only_the_missing_rows(ray_local, tiny_llava, tmp_path):
+    import yaml
+
+    from tests.pipeline.test_resume import _committed_ids, _kill_tree, _start_job, _wait_committed
+
+    def put(name, data):
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(data)
+
+    files = _image_folder(put, 40, bad=False)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"name": tiny_llava}, "generation": {"max_new_tokens": 16},
+        "input": {"path": str(tmp_path / "in"), "format": "images"},
+        "output": {"path": str(tmp_path / "out"), "lease_expiry_s": 5, "lease_wait_s": 0},
+        "resources": {"rows_per_block": 4, "model_batch_size": 4, "preprocess_batch_size": 4}}))
+    cfg = load_config(path)
+    proc = _start_job(path)
+    _wait_committed(cfg, proc, 8)
+    _kill_tree(proc.pid)
+    proc.wait()
+    done = _committed_ids(cfg)
+    assert 8 <= len(done) < 40, "the stop should land mid-job"
+    summary = run_job(cfg)
+    out = _read_output(cfg, "id")
+    assert sorted(out) == sorted(files) and all(r["error"] is None for r in out.values())
+    assert summary.rows_processed == 40 - len(done)  # only what was missing
