@@ -88,7 +88,11 @@ def _check_types(cfg: Config, files: list[str], schemas: list[pa.Schema]) -> lis
     missing = [c for c in cfg.input.passthrough if c not in names]
     if missing:
         raise JobError(f"input.passthrough: columns {missing} not in the input; columns are {sorted(names)}")
-    wanted = [cols.id, cols.image, cols.image_path, cols.prompt, cols.messages, *cfg.input.passthrough]
+    missing = [c for c in cfg.prompt.template_columns() if c not in names]
+    if missing:
+        raise JobError(f"prompt.template: {{{missing[0]}}} names no input column; columns are {sorted(names)}")
+    wanted = [cols.id, cols.image, cols.image_path, cols.prompt, cols.messages, *cfg.input.passthrough,
+              *cfg.prompt.template_columns()]
     columns = [c for c in dict.fromkeys(wanted) if c in names]
 
     for f, schema in zip(files[1:], schemas[1:]):

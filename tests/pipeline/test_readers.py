@@ -116,7 +116,7 @@ def _read_output(cfg, key: str = "key") -> dict:
     """The job's output (local or S3) as {id: row}, through the job's own output reader."""
     from pipeline.storage import output_rows
 
-    rows = output_rows(cfg.output.path, cfg.storage, [key, "TEXT", "text", "error", "error_kind"]).to_pylist()
+    rows = output_rows(cfg.output.path, cfg.storage, [key, "TEXT", "text", "prompt_tokens", "error", "error_kind"]).to_pylist()
     by_id = {r[key]: r for r in rows}
     assert len(by_id) == len(rows), "duplicate ids in the output"
     return by_id
@@ -201,3 +201,39 @@ def test_image_folder_job_killed_and_rerun_processes_only_the_missing_rows(ray_l
     out = _read_output(cfg, "id")
     assert sorted(out) == sorted(files) and all(r["error"] is None for r in out.values())
     assert summary.rows_processed == 40 - len(done)  # only what was missing
+
+
+TEMPLATE = "The alt text is: {TEXT}. The page is {meta.title}. Write a detailed caption."
+
+
+def test_a_template_field_no_input_column_has_is_one_line_at_start(tiny_llava, tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"key": "a", "URL": "/x.jpg", "TEXT": "t"}\n')
+    cfg = _config(tiny_llava, str(tmp_path / "a.jsonl"), str(tmp_path / "out"), prompt={"template": "{TEXT} {txt}"})
+    with pytest.raises(JobError, match=r"^prompt.template: \{txt\} names no input column; columns are \['TEXT', 'URL', 'key'\]$"):
+        inspect_input(cfg, open_input(cfg))
+
+
+@pytest.mark.slow
+def test_prompt_template_equals_transformers_on_the_formatted_prompt(ray_local, tiny_llava, tmp_path):
+    from tests.conftest import reference
+
+    images = {"a": resized("chelsea", 64, 80), "b": resized("coffee", 48, 64)}
+    rows = [{"key": k, "URL": str(tmp_path / f"{k}.jpg"), "TEXT": f"alt text {k * (i + 1)}", "meta": {"title": f"page {k}"}}
+            for i, k in enumerate(images)]
+    rows += [{"key": "no-text", "URL": str(tmp_path / "a.jpg"), "TEXT": None, "meta": {"title": "x"}},
+             {"key": "no-title", "URL": str(tmp_path / "a.jpg"), "TEXT": "t", "meta": {}}]
+    for k, data in images.items():
+        (tmp_path / f"{k}.jpg").write_bytes(data)
+    (tmp_path / "rows.jsonl").write_bytes(_manifest("json", rows))
+    cfg = _config(tiny_llava, str(tmp_path / "rows.jsonl"), str(tmp_path / "out"), prompt={"template": TEMPLATE})
+    run_job(cfg)
+    out = _read_output(cfg)
+    assert sorted(out) == sorted(r["key"] for r in rows)
+    for row in rows[:2]:
+        prompt = f"The alt text is: {row['TEXT']}. The page is {row['meta']['title']}. Write a detailed caption."
+        ref = reference(tiny_llava, [images[row["key"]]], prompt, 4)
+        got = out[row["key"]]
+        assert (got["text"], got["prompt_tokens"], got["error"]) == (ref.text, ref.prompt_tokens, None)
+    assert out["no-text"]["error"] == "prompt: prompt.template names {TEXT}, which this row lacks (missing or null)"
+    assert out["no-title"]["error"] == "prompt: prompt.template names {meta.title}, which this row lacks (missing or null)"
+    assert out["no-title"]["error_kind"] == "prompt"
