@@ -155,6 +155,8 @@ class InputConfig(_Strict):
 class OutputConfig(_Strict):
     path: str
     mode: Literal["resume", "overwrite"] = "resume"
+    # parquet, or jsonl (JSON Lines, one object per row; files named .json as Ray writes them)
+    format: Literal["parquet", "jsonl"] = "parquet"
     # A crashed run's lease on the output expires after this long without a heartbeat
     # (pipeline/lease.py says why 90 s).
     lease_expiry_s: float = Field(default=90.0, ge=5.0)

@@ -114,7 +114,9 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
     started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     try:
         with Reporter(progress, cfg.observability.progress_interval_s):
-            build_dataset(cfg, plan).write_parquet(out_path, filesystem=out_fs)
+            ds = build_dataset(cfg, plan)
+            write = ds.write_json if cfg.output.format == "jsonl" else ds.write_parquet
+            write(out_path, filesystem=out_fs)
     except Exception:
         lease.check()  # a write refused by the fence: say that in one line, not Ray's traceback
         raise

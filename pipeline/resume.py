@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from .config import Config
 from .errors import JobError
-from .storage import fsspec_fs, open_atomic, output_files
+from .storage import fsspec_fs, open_atomic, output_files, read_output_file, write_output_file
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +35,6 @@ def checkpoint_path(cfg: Config) -> str:
     return cfg.output.path.rstrip("/") + ".checkpoint"
 
 
-def _rewrite(fs, path: str, table: pa.Table) -> None:
-    with open_atomic(fs, path) as f:
-        pq.write_table(table, f)
-
-
 def drop_failed_rows(cfg: Config, kinds: list[str] | None = None) -> int:
     """Remove rows with an `error` (of `kinds`, or any) from the output, so the next run
     processes them again: `reconcile` then drops their ids from the checkpoint (the output is
@@ -47,20 +42,21 @@ def drop_failed_rows(cfg: Config, kinds: list[str] | None = None) -> int:
     out_fs, out_root = fsspec_fs(cfg.output.path, cfg.storage)
     removed = 0
     for path in output_files(cfg.output.path, cfg.storage):
-        table = pq.read_table(out_fs.open(path, "rb"))
+        table = read_output_file(out_fs, path)
         failed = pc.is_valid(table.column("error"))
-        if kinds and "error_kind" in table.schema.names:
+        if kinds and "error_kind" in table.schema.names and not pa.types.is_null(table.schema.field("error_kind").type):
             failed = pc.and_(failed, pc.fill_null(pc.is_in(table.column("error_kind"), value_set=pa.array(kinds)), False))
         n_failed = pc.sum(failed.cast("int64")).as_py() or 0
         if n_failed:
-            _rewrite(out_fs, path, table.filter(pc.invert(failed)))
+            write_output_file(out_fs, path, table.filter(pc.invert(failed)))
             removed += n_failed
     logger.info("retry-failed: %d rows will be processed again", removed)
     return removed
 
 
 def _ids(fs, files: list[str], id_col: str) -> pa.ChunkedArray:
-    tables = [pq.read_table(fs.open(f, "rb"), columns=[id_col]) for f in files]
+    """The ids of checkpoint or output files (Parquet or JSON Lines)."""
+    tables = [read_output_file(fs, f, [id_col]) for f in files]
     return pa.concat_tables(tables).column(0) if tables else pa.chunked_array([], pa.null())
 
 

@@ -170,9 +170,39 @@ def remove_tree(url: str, storage: StorageConfig) -> None:
         fs.rm(path, recursive=True)
 
 
+# Output data files, by what the job writes (output.format): Parquet, or JSON Lines (Ray's
+# write_json names them .json). Names starting with "_" or "." are not data (_manifest.json,
+# a file being written).
+OUTPUT_SUFFIXES = (".parquet", ".json")
+
+
 def output_files(url: str, storage: StorageConfig) -> list[str]:
+    """The output's data files, of either format (a resumed output may hold both)."""
     fs, path = fsspec_fs(url, storage)
-    return sorted(p for p in fs.find(path) if p.endswith(".parquet")) if fs.exists(path) else []
+    if not fs.exists(path):
+        return []
+    return sorted(p for p in fs.find(path) if p.endswith(OUTPUT_SUFFIXES) and not posixpath.basename(p).startswith(("_", ".")))
+
+
+def read_output_file(fs, path: str, columns: list[str] | None = None):
+    """One output data file as a pyarrow Table (by its suffix); `columns` it lacks are left out."""
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f) if path.endswith(".parquet") else pajson.read_json(f)
+    return table if columns is None else table.select([c for c in columns if c in table.column_names])
+
+
+def write_output_file(fs, path: str, table) -> None:
+    """Replace an output data file atomically, in its own format (JSON Lines as Ray writes it)."""
+    import pyarrow.parquet as pq
+
+    with open_atomic(fs, path) as f:
+        if path.endswith(".parquet"):
+            pq.write_table(table, f)
+        else:
+            f.write(table.to_pandas().to_json(orient="records", lines=True).encode())
 
 
 def output_rows(url: str, storage: StorageConfig, columns: list[str], files: list[str] | None = None):
@@ -184,5 +214,9 @@ def output_rows(url: str, storage: StorageConfig, columns: list[str], files: lis
     files = output_files(url, storage) if files is None else files
     if not files:
         return pa.table({c: pa.array([], pa.int64()) for c in columns})
-    dataset = parquet_dataset(files, PyFileSystem(FSSpecHandler(fs)))
-    return dataset.to_table(columns=[c for c in columns if c in dataset.schema.names])
+    parquet = [f for f in files if f.endswith(".parquet")]
+    tables = [parquet_dataset(parquet, PyFileSystem(FSSpecHandler(fs))).to_table()] if parquet else []
+    tables += [read_output_file(fs, f) for f in files if not f.endswith(".parquet")]
+    # JSON files type an all-null column as null: promoted to the other files' type.
+    table = pa.concat_tables(tables, promote_options="permissive")
+    return table.select([c for c in columns if c in table.column_names])
