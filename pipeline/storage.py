@@ -214,9 +214,10 @@ def output_rows(url: str, storage: StorageConfig, columns: list[str], files: lis
     files = output_files(url, storage) if files is None else files
     if not files:
         return pa.table({c: pa.array([], pa.int64()) for c in columns})
+    tables = [read_output_file(fs, f, columns) for f in files if not f.endswith(".parquet")]
     parquet = [f for f in files if f.endswith(".parquet")]
-    tables = [parquet_dataset(parquet, PyFileSystem(FSSpecHandler(fs))).to_table()] if parquet else []
-    tables += [read_output_file(fs, f) for f in files if not f.endswith(".parquet")]
+    if parquet:
+        dataset = parquet_dataset(parquet, PyFileSystem(FSSpecHandler(fs)))
+        tables.insert(0, dataset.to_table(columns=[c for c in columns if c in dataset.schema.names]))
     # JSON files type an all-null column as null: promoted to the other files' type.
-    table = pa.concat_tables(tables, promote_options="permissive")
-    return table.select([c for c in columns if c in table.column_names])
+    return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
