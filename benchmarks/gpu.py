@@ -161,8 +161,9 @@ def system_a(model_dir: Path, rows_path: Path, work: Path, args) -> dict:
 
     from pipeline.checks import check_environment
     from pipeline.config import load_config
+    from pipeline.inputs import inspect_input
     from pipeline.job import build_dataset
-    from pipeline.storage import input_files
+    from pipeline.readers import open_input
 
     cfg = load_config({
         "model": {"name": str(model_dir), "dtype": "bfloat16"},
@@ -179,9 +180,9 @@ def system_a(model_dir: Path, rows_path: Path, work: Path, args) -> dict:
     check_environment(cfg)  # as run_job does
     shutil.rmtree(cfg.output.path, ignore_errors=True)
     ray.init(configure_logging=False)
-    fs, files = input_files(cfg.input.path, cfg.storage)
+    plan = inspect_input(cfg, open_input(cfg))
     start = time.perf_counter()
-    ds = build_dataset(cfg, ["id", "image", "prompt"], files, fs, [])
+    ds = build_dataset(cfg, plan)
     ds.write_parquet(cfg.output.path)
     wall = time.perf_counter() - start
     window, op = _op_window(ds.get_stats_summary(), "Generate")

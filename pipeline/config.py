@@ -78,6 +78,37 @@ class GenerationConfig(_Strict):
 class PromptConfig(_Strict):
     default: str = "Describe this image in one sentence."
     system: str | None = None
+    # The prompt of a row without its own `prompt`, formatted from the row's columns (instead of
+    # `default`): "The alt text is: {TEXT}. Write a detailed caption."; `{meta.title}` is a field
+    # of a struct (JSON object) column. A row where a named field is missing or null: row error.
+    template: str | None = None
+
+    @field_validator("template")
+    @classmethod
+    def _fields_named(cls, value: str | None) -> str | None:
+        if value is not None:
+            template_fields(value)
+        return value
+
+    def template_columns(self) -> list[str]:
+        """The input columns the template reads (each field's first part)."""
+        return list(dict.fromkeys(f.split(".")[0] for f in template_fields(self.template))) if self.template else []
+
+
+def template_fields(template: str) -> list[str]:
+    """The fields a prompt template names (`{TEXT}`, `{meta.title}`); ConfigError unless every
+    replacement field names one (no `{}`, `{0}` or `{a[0]}`) and the braces balance."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ConfigError("prompt.template", f"{template!r}: {e} (write a literal brace as {{{{ or }}}})") from None
+    bad = [f for f in fields if not f or f[0].isdigit() or "[" in f or "" in f.split(".")]
+    if bad:
+        raise ConfigError("prompt.template", f"{template!r}: {{{bad[0]}}} names no column; fields are column names, "
+                          "or column.field for a field of a struct column")
+    return fields
 
 
 class ColumnsConfig(_Strict):
@@ -106,6 +137,8 @@ class StorageConfig(_Strict):
 
 class InputConfig(_Strict):
     path: str | list[str]
+    # auto: by the files' extensions (.parquet, .jsonl/.json/.ndjson, .csv, image files), said in the log.
+    format: Literal["auto", "parquet", "json", "csv", "images"] = "auto"
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
     passthrough: list[str] = Field(default_factory=list)
     duplicate_ids: Literal["error", "keep_first"] = "error"
@@ -122,6 +155,8 @@ class InputConfig(_Strict):
 class OutputConfig(_Strict):
     path: str
     mode: Literal["resume", "overwrite"] = "resume"
+    # parquet, or jsonl (JSON Lines, one object per row; files named .json as Ray writes them)
+    format: Literal["parquet", "jsonl"] = "parquet"
     # A crashed run's lease on the output expires after this long without a heartbeat
     # (pipeline/lease.py says why 90 s).
     lease_expiry_s: float = Field(default=90.0, ge=5.0)

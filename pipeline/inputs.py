@@ -1,6 +1,7 @@
 """What the job's input holds, checked before Ray starts: files, column types, ids.
 
-Everything that can be known from the Parquet files' schemas and id column is refused here in
+Everything that can be known from the input files' schemas and id column (as its Reader,
+`readers.py`, gives them) is refused here in
 one line (a JobError) instead of failing after Ray has started: a missing or wrongly typed
 column, ids of a type that cannot key exactly-once output, null or repeated ids, files whose
 column types disagree, input names that collide with the output's own columns.
@@ -13,12 +14,11 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .config import Config
 from .errors import JobError
+from .readers import Reader
 from .stages import PREPARED_FIELDS, RESULT_FIELDS
-from .storage import parquet_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -65,24 +65,13 @@ def _id_ok(t: pa.DataType) -> bool:
 
 @dataclass(frozen=True)
 class InputPlan:
-    fs: object  # pyarrow filesystem of the files
-    files: list[str]
+    reader: Reader  # the input's files in its format
     columns: list[str]  # what the job reads, in order
+    schema: pa.Schema  # their types (the first file's)
     id_type: pa.DataType
     rows: int
     dropped_duplicates: int  # rows that repeat an earlier id (input.duplicate_ids: keep_first)
     repeated_ids: list  # the ids that repeat (for the drop stage)
-
-
-def _schemas(fs, files: list[str]) -> list[pa.Schema]:
-    out = []
-    for f in files:
-        try:
-            with fs.open_input_file(f) as handle:
-                out.append(pq.read_schema(handle))
-        except (OSError, pa.ArrowInvalid) as e:
-            raise JobError(f"input.path: {f} is not a readable Parquet file: {str(e).splitlines()[0]}") from None
-    return out
 
 
 def _check_types(cfg: Config, files: list[str], schemas: list[pa.Schema]) -> list[str]:
@@ -99,7 +88,11 @@ def _check_types(cfg: Config, files: list[str], schemas: list[pa.Schema]) -> lis
     missing = [c for c in cfg.input.passthrough if c not in names]
     if missing:
         raise JobError(f"input.passthrough: columns {missing} not in the input; columns are {sorted(names)}")
-    wanted = [cols.id, cols.image, cols.image_path, cols.prompt, cols.messages, *cfg.input.passthrough]
+    missing = [c for c in cfg.prompt.template_columns() if c not in names]
+    if missing:
+        raise JobError(f"prompt.template: {{{missing[0]}}} names no input column; columns are {sorted(names)}")
+    wanted = [cols.id, cols.image, cols.image_path, cols.prompt, cols.messages, *cfg.input.passthrough,
+              *cfg.prompt.template_columns()]
     columns = [c for c in dict.fromkeys(wanted) if c in names]
 
     for f, schema in zip(files[1:], schemas[1:]):
@@ -152,12 +145,15 @@ def _check_ids(cfg: Config, ids: pa.ChunkedArray) -> tuple[int, list]:
     return dropped, repeated
 
 
-def inspect_input(cfg: Config, fs, files: list[str]) -> InputPlan:
-    """Check the input files (storage.input_files) and return what to read; JobError (one
-    line) when they cannot serve the job."""
-    schemas = _schemas(fs, files)
-    columns = _check_types(cfg, files, schemas)
-    ids = parquet_dataset(files, fs).to_table(columns=[cfg.input.columns.id]).column(0)
+def inspect_input(cfg: Config, reader: Reader) -> InputPlan:
+    """Check the input (`readers.open_input`) and return what to read; JobError (one line)
+    when it cannot serve the job."""
+    schemas = reader.schemas()
+    columns = _check_types(cfg, reader.files, schemas)
+    ids = reader.ids(cfg.input.columns.id)
     dropped, repeated = _check_ids(cfg, ids)
-    return InputPlan(fs=fs, files=files, columns=columns, id_type=schemas[0].field(cfg.input.columns.id).type,
+    # Each column's type: the first file's, unless a file before had only nulls there.
+    schema = pa.schema([next((f for f in (s.field(c) for s in schemas) if not pa.types.is_null(f.type)), schemas[0].field(c))
+                        for c in columns])
+    return InputPlan(reader=reader, columns=columns, schema=schema, id_type=schema.field(cfg.input.columns.id).type,
                      rows=len(ids), dropped_duplicates=dropped, repeated_ids=repeated)

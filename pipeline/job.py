@@ -27,8 +27,9 @@ from .inputs import InputPlan, inspect_input
 from .lease import Lease
 from .outputs import check_no_overlap, check_writable
 from .progress import Progress, Reporter, Tally, tally
+from .readers import open_input
 from .resume import checkpoint_path, drop_failed_rows, reconcile, split_output
-from .storage import arrow_fs, input_files, output_rows, remove_tree
+from .storage import arrow_fs, output_rows, remove_tree
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +51,10 @@ class JobSummary(BaseModel):
     manifest: str | None = None  # where this run's entry was appended
 
 
-def build_dataset(cfg: Config, columns: list[str], files: list[str], fs, repeated: list):
-    import ray
-
-    ds = ray.data.read_parquet(files, filesystem=fs).select_columns(columns)
-    if repeated:
-        ds = ds.map_batches(DropRepeatedIds, **drop_repeated_kwargs(cfg, repeated))
+def build_dataset(cfg: Config, plan: InputPlan):
+    ds = plan.reader.dataset(plan.columns, plan.schema)
+    if plan.repeated_ids:
+        ds = ds.map_batches(DropRepeatedIds, **drop_repeated_kwargs(cfg, plan.repeated_ids))
     # Small blocks bound what a stop loses: output and checkpoints are committed per block.
     ds = ds.repartition(target_num_rows_per_block=cfg.resources.rows_per_block)
     ds = ds.map_batches(PreprocessStage, **preprocess_kwargs(cfg))
@@ -77,9 +76,9 @@ def preflight(cfg: Config) -> tuple[Checkpoint, InputPlan]:
     if cfg.input is None or cfg.output is None:
         raise JobError("a job needs `input` and `output` sections (input.path, output.path)")
     checkpoint = check_environment(cfg)
-    fs, files = input_files(cfg.input.path, cfg.storage)
-    check_no_overlap(cfg, files)  # before anything is read, written or deleted (output.mode: overwrite)
-    plan = inspect_input(cfg, fs, files)
+    reader = open_input(cfg)
+    check_no_overlap(cfg, reader.files)  # before anything is read, written or deleted (output.mode: overwrite)
+    plan = inspect_input(cfg, reader)
     check_writable(cfg)
     return checkpoint, plan
 
@@ -118,7 +117,9 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
     started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     try:
         with Reporter(progress, cfg.observability.progress_interval_s):
-            build_dataset(cfg, plan.columns, plan.files, plan.fs, plan.repeated_ids).write_parquet(out_path, filesystem=out_fs)
+            ds = build_dataset(cfg, plan)
+            write = ds.write_json if cfg.output.format == "jsonl" else ds.write_parquet
+            write(out_path, filesystem=out_fs)
     except Exception:
         lease.check()  # a write refused by the fence: say that in one line, not Ray's traceback
         raise

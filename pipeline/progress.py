@@ -1,9 +1,10 @@
 """What a running job has done, read from its committed output: progress lines, counters, totals.
 
-The output is the truth (it is what resume trusts too): a committed Parquet file appears under its
-name only when complete, so counting new files' rows gives exactly what was written, once. A
-daemon thread in the driver polls every `observability.progress_interval_s`, logs one line (no
-TTY needed: a RayJob's log shows it), and advances the row/token counters by what it found.
+The output is the truth (it is what resume trusts too): a committed output file (Parquet or JSON
+Lines) appears under its name only when complete, so counting new files' rows gives exactly what
+was written, once. A daemon thread in the driver polls every `observability.progress_interval_s`,
+logs one line (no TTY needed: a RayJob's log shows it), and advances the row/token counters by
+what it found.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ into a `PreparedRequest`; an engine turns that into a `Result`. No I/O, no Ray.
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from .config import ColumnsConfig
-from .errors import InputError, RowError
+from .errors import InputError, PromptError, RowError
 
 
 class Record(BaseModel):
@@ -27,16 +28,32 @@ class Record(BaseModel):
     messages: list[dict[str, Any]] | str | None = None
 
     @classmethod
-    def from_row(cls, row: dict[str, Any], columns: ColumnsConfig) -> "Record":
+    def from_row(cls, row: dict[str, Any], columns: ColumnsConfig, template: str | None = None) -> "Record":
         """An offline input row (column names from `input.columns`) -> Record; a value of the
-        wrong type is an InputError naming its column."""
+        wrong type is an InputError naming its column. A row without its own prompt gets
+        `template` (prompt.template) formatted from its columns; a field it lacks is a PromptError."""
         images = _images(row.get(columns.image), columns.image)
         if not images:
             images = _images(row.get(columns.image_path), columns.image_path)
         messages = row.get(columns.messages)
         if messages is not None and not isinstance(messages, (str, list)):
             raise InputError(f"column {columns.messages!r} holds {type(messages).__name__}; expected a JSON string")
-        return cls(id=row.get(columns.id), images=images, prompt=_text(row.get(columns.prompt), columns.prompt), messages=messages)
+        prompt = _text(row.get(columns.prompt), columns.prompt)
+        if prompt is None and template is not None and messages is None:
+            prompt = _RowFormatter().format(template, **row)
+        return cls(id=row.get(columns.id), images=images, prompt=prompt, messages=messages)
+
+
+class _RowFormatter(string.Formatter):
+    """str.format over a row: `{col}` a column, `{col.field}` a field of a struct column (a dict)."""
+
+    def get_field(self, field_name: str, args, kwargs) -> tuple[Any, str]:
+        value: Any = kwargs
+        for part in field_name.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+            if value is None:
+                raise PromptError(f"prompt.template names {{{field_name}}}, which this row lacks (missing or null)")
+        return value, field_name
 
 
 def _images(value: Any, column: str) -> list[bytes | str]:

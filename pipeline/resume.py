@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from .config import Config
 from .errors import JobError
-from .storage import fsspec_fs, open_atomic, output_files
+from .storage import fsspec_fs, open_atomic, output_files, read_output_file, write_output_file
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +36,16 @@ def checkpoint_path(cfg: Config) -> str:
 
 
 def _read(fs, path: str, columns: list[str] | None = None) -> pa.Table:
-    """One Parquet file of the output or the checkpoint; one that cannot be read (a partial file
-    left by a version that published on error, a file damaged since) is a one-line JobError
-    naming it."""
+    """One file of the output (Parquet or JSON Lines) or the checkpoint; one that cannot be read
+    (a partial file left by a version that published on error, a file damaged since) is a
+    one-line JobError naming it."""
     try:
-        return pq.read_table(fs.open(path, "rb"), columns=columns)
+        return read_output_file(fs, path, columns)
     except (pa.ArrowException, OSError) as e:
         reason = " ".join(str(e).split())
+        kind = "Parquet" if path.endswith(".parquet") else "JSON Lines"
         raise JobError(
-            f"output.path: {path} is not a readable Parquet file ({type(e).__name__}: {reason}); move it away and "
+            f"output.path: {path} is not a readable {kind} file ({type(e).__name__}: {reason}); move it away and "
             "rerun: the rows it held run again"
         ) from None
 
@@ -67,11 +68,6 @@ def split_output(cfg: Config) -> tuple[list[str], list[str]]:
     return [f for f in files if f not in doomed], doomed
 
 
-def _rewrite(fs, path: str, table: pa.Table) -> None:
-    with open_atomic(fs, path) as f:
-        pq.write_table(table, f)
-
-
 def drop_failed_rows(cfg: Config, kinds: list[str] | None = None) -> int:
     """Remove rows with an `error` (of `kinds`, or any) from the output, so the next run
     processes them again: `reconcile` then drops their ids from the checkpoint (the output is
@@ -81,17 +77,18 @@ def drop_failed_rows(cfg: Config, kinds: list[str] | None = None) -> int:
     for path in split_output(cfg)[0]:
         table = _read(out_fs, path)
         failed = pc.is_valid(table.column("error"))
-        if kinds and "error_kind" in table.schema.names:
+        if kinds and "error_kind" in table.schema.names and not pa.types.is_null(table.schema.field("error_kind").type):
             failed = pc.and_(failed, pc.fill_null(pc.is_in(table.column("error_kind"), value_set=pa.array(kinds)), False))
         n_failed = pc.sum(failed.cast("int64")).as_py() or 0
         if n_failed:
-            _rewrite(out_fs, path, table.filter(pc.invert(failed)))
+            write_output_file(out_fs, path, table.filter(pc.invert(failed)))
             removed += n_failed
     logger.info("retry-failed: %d rows will be processed again", removed)
     return removed
 
 
 def _ids(fs, files: list[str], id_col: str) -> pa.ChunkedArray:
+    """The ids of checkpoint or output files (Parquet or JSON Lines)."""
     tables = [_read(fs, f, [id_col]) for f in files]
     return pa.concat_tables(tables).column(0) if tables else pa.chunked_array([], pa.null())
 

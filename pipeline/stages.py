@@ -127,7 +127,7 @@ class PreprocessStage:
         try:
             if isinstance(row, str):  # the row could not even be read (see python_rows)
                 raise InputError(row)
-            return prepared_to_row(self.pre.prepare(Record.from_row(row, self.cfg.input.columns)))
+            return prepared_to_row(self.pre.prepare(Record.from_row(row, self.cfg.input.columns, self.cfg.prompt.template)))
         except RowError as e:  # the row's own fault, already naming its stage and cause
             error = e
         except ValidationError as e:  # a column value of the wrong type for a Record
@@ -141,7 +141,8 @@ class PreprocessStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
         c = self.cfg.input.columns
-        read = [n for n in dict.fromkeys([c.image, c.image_path, c.prompt, c.messages]) if n in batch.schema.names]
+        wanted = [c.image, c.image_path, c.prompt, c.messages, *self.cfg.prompt.template_columns()]
+        read = [n for n in dict.fromkeys(wanted) if n in batch.schema.names]
         prepared = list(self.pool.map(self._prepare, python_rows(batch, read)))
         images = sum(len(p["_image_sizes"] or ()) // 2 for p in prepared)
         if images:

@@ -179,8 +179,10 @@ def arrow_fs(url: str, storage: StorageConfig, fence: Callable[[], None] | None 
     return PyFileSystem(OutputHandler(fs, fence)), path
 
 
-def input_files(paths: str | list[str], storage: StorageConfig) -> tuple[FileSystem, list[str]]:
-    """Expand files, folders and globs to the Parquet files they name (sorted, deterministic)."""
+def input_files(paths: str | list[str], storage: StorageConfig, extensions: tuple[str, ...] = (".parquet",),
+                what: str = "Parquet") -> tuple[FileSystem, list[str]]:
+    """Expand files, folders and globs to the input files they name (sorted, deterministic): a
+    folder to its files ending in one of `extensions`, a glob to every file it matches."""
     urls = [paths] if isinstance(paths, str) else list(paths)
     files: list[str] = []
     fs = None
@@ -194,13 +196,13 @@ def input_files(paths: str | list[str], storage: StorageConfig) -> tuple[FileSys
                     kind = fs.info(path)["type"]
                 except FileNotFoundError:
                     raise JobError(f"input.path: {url} does not exist") from None
-                found = sorted(p for p in fs.find(path) if p.endswith(".parquet")) if kind == "directory" else [path]
+                found = sorted(p for p in fs.find(path) if p.lower().endswith(extensions)) if kind == "directory" else [path]
         except JobError:
             raise
         except Exception as e:  # credentials, access denied, a bucket that is not there, a bad URL
             raise JobError(f"input.path: cannot read {url}: {one_line(e)}") from None
         if not found:
-            raise JobError(f"input.path: no Parquet files at {url}")
+            raise JobError(f"input.path: no {what} files at {url}")
         files.extend(found)
     return PyFileSystem(FSSpecHandler(fs)), files
 
@@ -221,9 +223,39 @@ def remove_tree(url: str, storage: StorageConfig) -> None:
         fs.rm(path, recursive=True)
 
 
+# Output data files, by what the job writes (output.format): Parquet, or JSON Lines (Ray's
+# write_json names them .json). Names starting with "_" or "." are not data (_manifest.json,
+# a file being written).
+OUTPUT_SUFFIXES = (".parquet", ".json")
+
+
 def output_files(url: str, storage: StorageConfig) -> list[str]:
+    """The output's data files, of either format (a resumed output may hold both)."""
     fs, path = fsspec_fs(url, storage)
-    return sorted(p for p in fs.find(path) if p.endswith(".parquet")) if fs.exists(path) else []
+    if not fs.exists(path):
+        return []
+    return sorted(p for p in fs.find(path) if p.endswith(OUTPUT_SUFFIXES) and not posixpath.basename(p).startswith(("_", ".")))
+
+
+def read_output_file(fs, path: str, columns: list[str] | None = None):
+    """One output data file as a pyarrow Table (by its suffix); `columns` it lacks are left out."""
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f) if path.endswith(".parquet") else pajson.read_json(f)
+    return table if columns is None else table.select([c for c in columns if c in table.column_names])
+
+
+def write_output_file(fs, path: str, table) -> None:
+    """Replace an output data file atomically, in its own format (JSON Lines as Ray writes it)."""
+    import pyarrow.parquet as pq
+
+    with open_atomic(fs, path) as f:
+        if path.endswith(".parquet"):
+            pq.write_table(table, f)
+        else:
+            f.write(table.to_pandas().to_json(orient="records", lines=True).encode())
 
 
 def output_rows(url: str, storage: StorageConfig, columns: list[str], files: list[str] | None = None):
@@ -235,5 +267,10 @@ def output_rows(url: str, storage: StorageConfig, columns: list[str], files: lis
     files = output_files(url, storage) if files is None else files
     if not files:
         return pa.table({c: pa.array([], pa.int64()) for c in columns})
-    dataset = parquet_dataset(files, PyFileSystem(FSSpecHandler(fs)))
-    return dataset.to_table(columns=[c for c in columns if c in dataset.schema.names])
+    tables = [read_output_file(fs, f, columns) for f in files if not f.endswith(".parquet")]
+    parquet = [f for f in files if f.endswith(".parquet")]
+    if parquet:
+        dataset = parquet_dataset(parquet, PyFileSystem(FSSpecHandler(fs)))
+        tables.insert(0, dataset.to_table(columns=[c for c in columns if c in dataset.schema.names]))
+    # JSON files type an all-null column as null: promoted to the other files' type.
+    return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]

@@ -105,7 +105,7 @@ LAYERS = {
     "pipeline.checkpoint": 3, "pipeline.images": 3, "pipeline.records": 3, "pipeline.lease": 3, "pipeline.progress": 3, "pipeline.manifest": 4,
     "pipeline.vllm_inputs": 4, "pipeline.engines": 4,
     "pipeline.preprocess": 5, "pipeline.checks": 5,
-    "pipeline.stages": 6, "pipeline.resume": 6,
+    "pipeline.stages": 6, "pipeline.resume": 6, "pipeline.readers": 6,
     "pipeline.job": 8, "pipeline.demo": 7, "pipeline.inputs": 7, "pipeline.outputs": 7,
     "pipeline.cli": 9, "pipeline.__main__": 10,
     "deployments": 6,  # the endpoint: pipeline layers 0-5 below it

@@ -234,17 +234,17 @@ ID_TYPES = {
 def test_every_id_type_a_parquet_writer_produces(tiny_llava, tmp_path, kind):
     """Integers and strings key the output; other types are refused at start, in one line."""
     from pipeline.inputs import inspect_input
-    from pipeline.storage import input_files
+    from pipeline.readers import open_input
 
     ids, refusal = ID_TYPES[kind]
     path = _write(tmp_path, pa.table({"id": ids, "image": pa.array([GOOD, GOOD], pa.binary())}))
     cfg = load_config(_config(tiny_llava, tmp_path, input={"path": path}))
     if refusal is None:
-        plan = inspect_input(cfg, *input_files(path, cfg.storage))
+        plan = inspect_input(cfg, open_input(cfg))
         assert (plan.rows, plan.columns) == (2, ["id", "image"])
     else:
         with pytest.raises(JobError) as e:
-            inspect_input(cfg, *input_files(path, cfg.storage))
+            inspect_input(cfg, open_input(cfg))
         assert str(e.value) == refusal
 
 

@@ -98,3 +98,15 @@ def test_input_and_output_values_are_refused_before_ray_in_one_line(tiny_llava, 
     with pytest.raises(ConfigError) as e:
         load_config(base, ["input.path=[]"])
     assert str(e.value) == "input.path: []: give a Parquet file, folder, glob or URL, or a non-empty list of them"
+
+
+@pytest.mark.parametrize("template, cause", [
+    ("{}", "{} names no column"), ("{0}", "{0} names no column"), ("{a[0]}", "{a[0]} names no column"),
+    ("{TEXT", "expected '}' before end of string"), ("a } b", "Single '}' encountered"),
+])
+def test_a_prompt_template_names_columns_or_is_refused(template, cause):
+    with pytest.raises(ConfigError) as e:
+        load_config({"model": {"name": "m"}, "prompt": {"template": template}})
+    assert str(e.value).startswith(f"prompt.template: {template!r}: {cause}")
+    cfg = load_config({"model": {"name": "m"}, "prompt": {"template": "{TEXT} {meta.title} {TEXT!r} {{x}}"}})
+    assert cfg.prompt.template_columns() == ["TEXT", "meta"]

@@ -258,3 +258,25 @@ def test_an_unreadable_output_file_at_start_is_one_line_naming_it(tiny_llava, tm
     message = str(e.value)
     assert "\n" not in message and message.startswith(f"output.path: {bad} is not a readable Parquet file (")
     assert message.endswith("move it away and rerun: the rows it held run again")
+
+def test_jsonl_output_equals_the_parquet_output_and_resumes(ray_local, tiny_llava, tmp_path):
+    """output.format: jsonl: committed per block like Parquet; read back it equals the Parquet
+    output of the same job; a rerun processes nothing; --retry-failed reruns only the failed row."""
+    from pipeline.storage import output_files, output_rows
+
+    rows = [{"id": i, "image": resized(n, 40 + 8 * i, 56), "prompt": f"Row {i}?"} for i, n in enumerate(["coffee", "rocket", "chelsea"])]
+    rows.append({"id": 9, "image": b"not an image", "prompt": None})
+    base = {"model": {"name": tiny_llava}, "generation": {"max_new_tokens": 4},
+            "input": {"path": write_parquet(tmp_path / "in.parquet", rows)},
+            "resources": {"rows_per_block": 2, "model_batch_size": 2, "preprocess_batch_size": 2}}
+    columns = ["id", "text", "finish_reason", "prompt_tokens", "image_tokens", "completion_tokens", "model", "backend", "error", "error_kind"]
+    outputs = {}
+    for fmt in ("parquet", "jsonl"):
+        cfg = load_config(base | {"output": {"path": str(tmp_path / fmt), "format": fmt}})
+        assert run_job(cfg).rows_ok == 3
+        outputs[fmt] = sorted(output_rows(cfg.output.path, cfg.storage, columns).to_pylist(), key=lambda r: r["id"])
+    assert outputs["jsonl"] == outputs["parquet"] and len(outputs["jsonl"]) == 4
+    assert all(f.endswith(".json") for f in output_files(cfg.output.path, cfg.storage))
+    assert run_job(cfg).rows_processed == 0
+    again = run_job(cfg, retry_failed=True)
+    assert (again.rows_processed, again.rows_total, again.rows_failed) == (1, 4, 1)

@@ -1,0 +1,236 @@
+"""Input formats: one Reader per `input.format`, each on Ray Data's own reader.
+
+A Reader lists the input's files, gives each file's Arrow schema and the id column for the
+start-up checks (`inputs.py`), and builds the Ray Data Dataset of input rows (`job.py`). A new
+format is a Reader here (and, if its rows need it, a case in `Record.from_row`).
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from typing import ClassVar
+
+import pyarrow as pa
+
+from .config import Config
+from .errors import JobError
+from .storage import fsspec_fs, input_files, parquet_dataset
+
+logger = logging.getLogger(__name__)
+
+
+class Reader:
+    """The files of one input in one format. `schemas()` and `ids()` are read on the driver
+    before Ray starts; `dataset()` builds the Dataset the job runs on."""
+
+    format: ClassVar[str]
+    extensions: ClassVar[tuple[str, ...]]
+    what: ClassVar[str]  # for messages: "Parquet", "JSON Lines", ...
+
+    def __init__(self, cfg: Config, fs=None, files: list[str] | None = None):
+        self.cfg = cfg
+        if files is None:
+            fs, files = input_files(cfg.input.path, cfg.storage, self.extensions, self.what)
+        self.fs, self.files = fs, files
+
+    def schemas(self) -> list[pa.Schema]:
+        """One per file, in `files` order; JobError (one line) for a file that cannot be read."""
+        raise NotImplementedError
+
+    def ids(self, column: str) -> pa.ChunkedArray:
+        raise NotImplementedError
+
+    def dataset(self, columns: list[str], schema: pa.Schema):
+        """The Ray Data Dataset of `columns`, typed as `schema` says (the first file's types)."""
+        raise NotImplementedError
+
+    def _unreadable(self, path: str, e: Exception) -> JobError:
+        return JobError(f"input.path: {path} is not a readable {self.what} file: {str(e).strip().splitlines()[0]}")
+
+
+class ParquetReader(Reader):
+    format, extensions, what = "parquet", (".parquet",), "Parquet"
+
+    def schemas(self) -> list[pa.Schema]:
+        import pyarrow.parquet as pq
+
+        out = []
+        for f in self.files:
+            try:
+                with self.fs.open_input_file(f) as handle:
+                    out.append(pq.read_schema(handle))
+            except (OSError, pa.ArrowInvalid) as e:
+                raise self._unreadable(f, e) from None
+        return out
+
+    def ids(self, column: str) -> pa.ChunkedArray:
+        return parquet_dataset(self.files, self.fs).to_table(columns=[column]).column(0)
+
+    def dataset(self, columns: list[str], schema: pa.Schema):
+        import ray
+
+        return ray.data.read_parquet(self.files, filesystem=self.fs).select_columns(columns)
+
+
+class _TextTableReader(Reader):
+    """JSON Lines and CSV manifests: each file is parsed once on the driver (schemas, ids), and
+    Ray's reader is given the types found there, so every block of every file agrees."""
+
+    def __init__(self, cfg: Config, fs=None, files: list[str] | None = None):
+        super().__init__(cfg, fs, files)
+        self._schemas: list[pa.Schema] | None = None
+        self._ids: pa.ChunkedArray | None = None
+
+    def _parse(self, stream) -> pa.Table:
+        raise NotImplementedError
+
+    def schemas(self) -> list[pa.Schema]:
+        if self._schemas is None:
+            self._schemas, id_column, ids = [], self.cfg.input.columns.id, []
+            for f in self.files:
+                try:
+                    with self.fs.open_input_stream(f) as stream:
+                        table = self._parse(stream)
+                except (OSError, pa.ArrowInvalid) as e:
+                    raise self._unreadable(f, e) from None
+                self._schemas.append(table.schema)
+                if id_column in table.column_names:  # inputs.py refuses a file without it
+                    ids.extend(table.column(id_column).chunks)
+            self._ids = pa.chunked_array(ids, self._schemas[0].field(id_column).type) if ids else None
+        return self._schemas
+
+    def ids(self, column: str) -> pa.ChunkedArray:
+        """The id column of every file (after `schemas()` has checked they agree)."""
+        self.schemas()
+        return self._ids
+
+    @staticmethod
+    def _types(columns: list[str], schema: pa.Schema) -> dict[str, pa.DataType]:
+        return {c: schema.field(c).type for c in columns}
+
+
+class JsonReader(_TextTableReader):
+    format, extensions, what = "json", (".jsonl", ".json", ".ndjson"), "JSON Lines"
+
+    def _parse(self, stream) -> pa.Table:
+        import pyarrow.json as pajson
+
+        return pajson.read_json(stream)
+
+    def dataset(self, columns: list[str], schema: pa.Schema):
+        import pyarrow.json as pajson
+        import ray
+
+        parse = pajson.ParseOptions(explicit_schema=pa.schema(self._types(columns, schema)))
+        return ray.data.read_json(self.files, filesystem=self.fs, file_extensions=None, parse_options=parse).select_columns(columns)
+
+
+class CsvReader(_TextTableReader):
+    format, extensions, what = "csv", (".csv",), "CSV"
+
+    def _parse(self, stream) -> pa.Table:
+        import pyarrow.csv as pacsv
+
+        return pacsv.read_csv(stream, convert_options=self._convert(None))
+
+    @staticmethod
+    def _convert(column_types: dict | None):
+        import pyarrow.csv as pacsv
+
+        # An empty cell is null (no URL, no prompt), not the empty string.
+        return pacsv.ConvertOptions(strings_can_be_null=True, column_types=column_types or {})
+
+    def dataset(self, columns: list[str], schema: pa.Schema):
+        import ray
+
+        convert = self._convert(self._types(columns, schema))
+        return ray.data.read_csv(self.files, filesystem=self.fs, convert_options=convert).select_columns(columns)
+
+
+class ImagesReader(Reader):
+    """A folder, prefix or glob of image files: one row per file, its id the path relative to
+    the folder (a glob: its folder before the first wildcard; a file: its folder) and its
+    `image_path` the file's full path or URL. Only names cross to Ray: each image is read by
+    the CPU actors (`images.py`), as an `image_path` column is."""
+
+    format, what = "images", "image"
+    extensions = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+    def __init__(self, cfg: Config):
+        urls = [cfg.input.path] if isinstance(cfg.input.path, str) else list(cfg.input.path)
+        self.names, self.urls, listed = [], [], []
+        for url in urls:
+            fs, files = input_files(url, cfg.storage, self.extensions, self.what)
+            path = fsspec_fs(url, cfg.storage)[1]
+            if any(ch in path for ch in "*?["):
+                root = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
+            else:
+                root = posixpath.dirname(path) if files == [path] else path.rstrip("/")
+            scheme = url.split("://", 1)[0] + "://" if "://" in url else ""
+            self.names += [posixpath.relpath(f, root) for f in files]
+            self.urls += [scheme + f for f in files]
+            listed += files
+        super().__init__(cfg, fs, listed)
+
+    def _table(self) -> pa.Table:
+        cols = self.cfg.input.columns
+        return pa.table({cols.id: pa.array(self.names, pa.string()), cols.image_path: pa.array(self.urls, pa.string())})
+
+    def schemas(self) -> list[pa.Schema]:
+        return [self._table().schema] * len(self.files)
+
+    def ids(self, column: str) -> pa.ChunkedArray:
+        return pa.chunked_array([pa.array(self.names, pa.string())])
+
+    def dataset(self, columns: list[str], schema: pa.Schema):
+        import ray
+
+        # A Read (not from_arrow), so Ray's checkpoint filter and writer apply: resume works.
+        return ray.data.read_datasource(_table_source(self._table().select(columns), self.cfg.resources.rows_per_block))
+
+
+def _table_source(table: pa.Table, rows_per_task: int):
+    """A Ray Data datasource over a table the driver already holds (an input's listing)."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class TableSource(Datasource):
+        def estimate_inmemory_data_size(self) -> int:
+            return table.nbytes
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
+            step = max(rows_per_task, -(-table.num_rows // max(parallelism, 1)))
+            slices = [table.slice(i, step) for i in range(0, table.num_rows, step)]
+            return [ReadTask(lambda part=part: [part], BlockMetadata(part.num_rows, part.nbytes, None, None),
+                             schema=table.schema, per_task_row_limit=per_task_row_limit) for part in slices]
+
+    return TableSource()
+
+
+READERS: dict[str, type[Reader]] = {r.format: r for r in (ParquetReader, JsonReader, CsvReader, ImagesReader)}
+
+
+def _auto(cfg: Config) -> type[Reader]:
+    """The format the input's file names say (Parquet when none says one: a file named without
+    an extension); JobError when they say several."""
+    known = tuple(e for r in READERS.values() for e in r.extensions)
+    _, files = input_files(cfg.input.path, cfg.storage, known, ", ".join(r.what for r in READERS.values()))
+    found = {r for f in files for r in READERS.values() if f.lower().endswith(r.extensions)}
+    if not found:
+        return ParquetReader
+    if len(found) > 1:
+        seen = sorted({posixpath.splitext(f)[1] or posixpath.basename(f) for f in files})
+        formats = sorted(r.format for r in found)
+        raise JobError(f"input.format: auto cannot tell the format of {seen} (would be {formats}); set input.format")
+    return found.pop()
+
+
+def open_input(cfg: Config) -> Reader:
+    """The Reader for `input.format` (auto: by the files' extensions, said in the log)."""
+    if cfg.input.format == "auto":
+        reader = _auto(cfg)
+        logger.info("input.format auto: reading %s as %s", cfg.input.path, reader.format)
+    else:
+        reader = READERS[cfg.input.format]
+    return reader(cfg)

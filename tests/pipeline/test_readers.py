@@ -1,0 +1,239 @@
+"""Input formats (pipeline/readers.py): JSON Lines and CSV manifests, local and on S3 (moto)."""
+
+import csv
+import io
+import json
+import logging
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import JobError
+from pipeline.inputs import inspect_input
+from pipeline.job import run_job
+from pipeline.readers import open_input
+from tests.conftest import BUCKET, encode, photo, resized, s3_fs, s3_storage
+
+# LAION / DataComp-style columns, mapped with input.columns.
+LAION = {"columns": {"id": "key", "image_path": "URL"}, "passthrough": ["TEXT"]}
+
+
+def _manifest(fmt: str, rows: list[dict]) -> bytes:
+    if fmt == "json":
+        return "".join(json.dumps(r) + "\n" for r in rows).encode()
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows([{k: "" if v is None else v for k, v in r.items()} for r in rows])
+    return buf.getvalue().encode()
+
+
+def _config(ckpt, path, out, **extra):
+    return load_config({"model": {"name": ckpt}, "generation": {"max_new_tokens": 4},
+                        "input": {"path": path, **LAION}, "output": {"path": out},
+                        "resources": {"rows_per_block": 2, "model_batch_size": 2, "preprocess_batch_size": 2}} | extra)
+
+
+@pytest.mark.parametrize("fmt, ext", [("json", "jsonl"), ("csv", "csv")])
+def test_auto_reads_a_manifest_by_its_extension_and_says_so(tiny_llava, tmp_path, caplog, fmt, ext):
+    rows = [{"key": f"k{i}", "URL": f"/x/{i}.jpg", "TEXT": None if i == 1 else f"alt {i}"} for i in range(3)]
+    (tmp_path / f"a.{ext}").write_bytes(_manifest(fmt, rows[:2]))
+    (tmp_path / f"b.{ext}").write_bytes(_manifest(fmt, rows[2:]))
+    (tmp_path / "notes.txt").write_text("not input")
+    cfg = _config(tiny_llava, str(tmp_path), str(tmp_path / "out"))
+    with caplog.at_level(logging.INFO, logger="pipeline.readers"):
+        plan = inspect_input(cfg, open_input(cfg))
+    assert f"reading {tmp_path} as {fmt}" in caplog.text
+    assert (plan.reader.format, plan.columns, plan.rows) == (fmt, ["key", "URL", "TEXT"], 3)
+    assert [str(plan.schema.field(c).type) for c in plan.columns] == ["string", "string", "string"]
+
+
+def test_a_manifest_that_cannot_serve_the_job_is_one_line_at_start(tiny_llava, tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"key": "a", "URL": "/x.jpg", "TEXT": "t"}\n{"key": "a", "URL": "/y.jpg", "TEXT": "t"}\n')
+    cfg = _config(tiny_llava, str(tmp_path / "a.jsonl"), str(tmp_path / "out"))
+    with pytest.raises(JobError, match=r"^input: 1 rows repeat an id \(1 ids, e.g. 'a'\)"):
+        inspect_input(cfg, open_input(cfg))
+    (tmp_path / "a.jsonl").write_text('{"key": "a", "URL": "/x.jpg"}\n{"key": \n')
+    with pytest.raises(JobError, match=r"^input.path: .*a.jsonl is not a readable JSON Lines file: "):
+        inspect_input(cfg, open_input(cfg))
+    (tmp_path / "b.csv").write_text("key,URL,TEXT\nb,/x.jpg,t\n")
+    cfg = _config(tiny_llava, str(tmp_path), str(tmp_path / "out"))
+    with pytest.raises(JobError, match=r"^input.format: auto cannot tell the format of \['.csv', '.jsonl'\]"):
+        open_input(cfg)
+    cfg = _config(tiny_llava, str(tmp_path / "b.csv"), str(tmp_path / "out"), input={"path": str(tmp_path / "b.csv"),
+                  "columns": {"id": "key", "image_path": "url"}})
+    with pytest.raises(JobError, match=r"^input: no image column: expected 'image' \(bytes\) or 'url'"):
+        inspect_input(cfg, open_input(cfg))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["local", "s3"])
+@pytest.mark.parametrize("fmt, ext", [("json", "jsonl"), ("csv", "csv")])
+def test_manifest_job_every_row_once_bad_rows_named(ray_local, tiny_llava, tmp_path, request, store, fmt, ext):
+    """LAION-style rows (key, URL, TEXT): good images, a missing file, an empty URL, a corrupt JPEG.
+    Every row once, ids as the manifest gives them; a rerun processes nothing."""
+    images = {"a.jpg": resized("chelsea", 64, 80), "b.png": resized("coffee", 48, 48, "PNG"),
+              "c.jpg": encode(photo("rocket"), "JPEG")[:200]}
+    if store == "s3":
+        url = request.getfixturevalue("s3_endpoint")
+        fs, root = s3_fs(url), f"{BUCKET}/{fmt}-manifest"
+        for name, data in images.items():
+            fs.pipe(f"{root}/img/{name}", data)
+        prefix, extra = f"s3://{root}", {"storage": s3_storage(url)}
+    else:
+        (tmp_path / "img").mkdir()
+        for name, data in images.items():
+            (tmp_path / "img" / name).write_bytes(data)
+        prefix, extra = str(tmp_path), {}
+    rows = [
+        {"key": "good-a", "URL": f"{prefix}/img/a.jpg", "TEXT": "a cat"},
+        {"key": "good-b", "URL": f"{prefix}/img/b.png", "TEXT": None},
+        {"key": "missing", "URL": f"{prefix}/img/nope.jpg", "TEXT": "gone"},
+        {"key": "no-url", "URL": None, "TEXT": "no url"},
+        {"key": "corrupt", "URL": f"{prefix}/img/c.jpg", "TEXT": "cut"},
+    ]
+    manifest = _manifest(fmt, rows)
+    if store == "s3":
+        fs.pipe(f"{root}/in/rows.{ext}", manifest)
+    else:
+        (tmp_path / "in").mkdir()
+        (tmp_path / "in" / f"rows.{ext}").write_bytes(manifest)
+    cfg = _config(tiny_llava, f"{prefix}/in", f"{prefix}/out", **extra)
+
+    summary = run_job(cfg)
+    out = _read_output(cfg)
+    assert sorted(out) == sorted(r["key"] for r in rows)
+    assert (summary.rows_total, summary.rows_ok, summary.rows_failed) == (5, 2, 3)
+    assert [out[k]["TEXT"] for k in ("good-a", "good-b", "no-url")] == ["a cat", None, "no url"]
+    assert all(out[k]["text"] and out[k]["error"] is None for k in ("good-a", "good-b"))
+    assert out["no-url"]["error"] == "input: the row has no image"
+    assert out["missing"]["error"] == f"image: not found: {prefix}/img/nope.jpg"
+    assert out["corrupt"]["error_kind"] == "decode" and out["corrupt"]["error"].startswith("image: ")
+    assert run_job(cfg).rows_processed == 0  # the same ids on a rerun: nothing left to do
+
+
+def _read_output(cfg, key: str = "key") -> dict:
+    """The job's output (local or S3) as {id: row}, through the job's own output reader."""
+    from pipeline.storage import output_rows
+
+    rows = output_rows(cfg.output.path, cfg.storage, [key, "TEXT", "text", "prompt_tokens", "error", "error_kind"]).to_pylist()
+    by_id = {r[key]: r for r in rows}
+    assert len(by_id) == len(rows), "duplicate ids in the output"
+    return by_id
+
+
+def _image_folder(put, n: int, bad: bool = True) -> dict[str, bytes]:
+    """`n` small real photos under nested folders (and a corrupt JPEG and a stray text file)."""
+    names = ["astronaut", "coffee", "rocket", "chelsea"]
+    files = {f"{'sub/' if i % 2 else ''}{i:03d}.{'png' if i % 3 == 0 else 'jpg'}":
+             resized(names[i % 4], 40 + i, 56, "PNG" if i % 3 == 0 else "JPEG") for i in range(n)}
+    if bad:
+        files["sub/corrupt.jpg"] = encode(photo("coffee"), "JPEG")[:200]
+    for name, data in {**files, "notes.txt": b"not an image"}.items():
+        put(name, data)
+    return files
+
+
+def test_image_ids_are_paths_under_the_folder_glob_or_file(tiny_llava, tmp_path):
+    def put(name, data):
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(data)
+
+    files = _image_folder(put, 3, bad=False)
+    for path, ids in [(f"{tmp_path}/in", sorted(files)), (f"{tmp_path}/in/sub/*.jpg", ["001.jpg"]),
+                      (f"{tmp_path}/in/000.png", ["000.png"])]:
+        cfg = load_config({"model": {"name": tiny_llava}, "input": {"path": path}, "output": {"path": str(tmp_path / "out")}})
+        plan = inspect_input(cfg, open_input(cfg))
+        assert (plan.reader.format, plan.columns, plan.reader.ids("id").to_pylist()) == ("images", ["id", "image_path"], ids)
+    assert plan.reader.urls == [f"{tmp_path}/in/000.png"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_image_folder_job_ids_are_relative_paths(ray_local, tiny_llava, tmp_path, request, store):
+    if store == "s3":
+        url = request.getfixturevalue("s3_endpoint")
+        fs, root = s3_fs(url), f"{BUCKET}/images-folder"
+        put, prefix, extra = (lambda name, data: fs.pipe(f"{root}/in/{name}", data)), f"s3://{root}", {"storage": s3_storage(url)}
+    else:
+        def put(name, data):
+            (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "in" / name).write_bytes(data)
+        prefix, extra = str(tmp_path), {}
+    files = _image_folder(put, 4)
+    cfg = load_config({"model": {"name": tiny_llava}, "generation": {"max_new_tokens": 4},
+                       "input": {"path": f"{prefix}/in/"}, "output": {"path": f"{prefix}/out"},
+                       "resources": {"rows_per_block": 2, "model_batch_size": 2, "preprocess_batch_size": 2}} | extra)
+    assert open_input(cfg).format == "images"
+    summary = run_job(cfg)
+    out = _read_output(cfg, "id")
+    assert sorted(out) == sorted(files)  # every image once, keyed by its path under input.path
+    assert (summary.rows_total, summary.rows_ok, summary.rows_failed) == (5, 4, 1)
+    assert out["sub/corrupt.jpg"]["error"].startswith("image: ")
+    assert run_job(cfg).rows_processed == 0  # the same ids on a rerun
+
+
+@pytest.mark.slow
+def test_image_folder_job_killed_and_rerun_processes_only_the_missing_rows(ray_local, tiny_llava, tmp_path):
+    import yaml
+
+    from tests.pipeline.test_resume import _committed_ids, _kill_tree, _start_job, _wait_committed
+
+    def put(name, data):
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(data)
+
+    files = _image_folder(put, 40, bad=False)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"name": tiny_llava}, "generation": {"max_new_tokens": 16},
+        "input": {"path": str(tmp_path / "in"), "format": "images"},
+        "output": {"path": str(tmp_path / "out"), "lease_expiry_s": 5, "lease_wait_s": 0},
+        "resources": {"rows_per_block": 4, "model_batch_size": 4, "preprocess_batch_size": 4}}))
+    cfg = load_config(path)
+    proc = _start_job(path)
+    _wait_committed(cfg, proc, 8)
+    _kill_tree(proc.pid)
+    proc.wait()
+    done = _committed_ids(cfg)
+    assert 8 <= len(done) < 40, "the stop should land mid-job"
+    summary = run_job(cfg)
+    out = _read_output(cfg, "id")
+    assert sorted(out) == sorted(files) and all(r["error"] is None for r in out.values())
+    assert summary.rows_processed == 40 - len(done)  # only what was missing
+
+
+TEMPLATE = "The alt text is: {TEXT}. The page is {meta.title}. Write a detailed caption."
+
+
+def test_a_template_field_no_input_column_has_is_one_line_at_start(tiny_llava, tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"key": "a", "URL": "/x.jpg", "TEXT": "t"}\n')
+    cfg = _config(tiny_llava, str(tmp_path / "a.jsonl"), str(tmp_path / "out"), prompt={"template": "{TEXT} {txt}"})
+    with pytest.raises(JobError, match=r"^prompt.template: \{txt\} names no input column; columns are \['TEXT', 'URL', 'key'\]$"):
+        inspect_input(cfg, open_input(cfg))
+
+
+@pytest.mark.slow
+def test_prompt_template_equals_transformers_on_the_formatted_prompt(ray_local, tiny_llava, tmp_path):
+    from tests.conftest import reference
+
+    images = {"a": resized("chelsea", 64, 80), "b": resized("coffee", 48, 64)}
+    rows = [{"key": k, "URL": str(tmp_path / f"{k}.jpg"), "TEXT": f"alt text {k * (i + 1)}", "meta": {"title": f"page {k}"}}
+            for i, k in enumerate(images)]
+    rows += [{"key": "no-text", "URL": str(tmp_path / "a.jpg"), "TEXT": None, "meta": {"title": "x"}},
+             {"key": "no-title", "URL": str(tmp_path / "a.jpg"), "TEXT": "t", "meta": {}}]
+    for k, data in images.items():
+        (tmp_path / f"{k}.jpg").write_bytes(data)
+    (tmp_path / "rows.jsonl").write_bytes(_manifest("json", rows))
+    cfg = _config(tiny_llava, str(tmp_path / "rows.jsonl"), str(tmp_path / "out"), prompt={"template": TEMPLATE})
+    run_job(cfg)
+    out = _read_output(cfg)
+    assert sorted(out) == sorted(r["key"] for r in rows)
+    for row in rows[:2]:
+        prompt = f"The alt text is: {row['TEXT']}. The page is {row['meta']['title']}. Write a detailed caption."
+        ref = reference(tiny_llava, [images[row["key"]]], prompt, 4)
+        got = out[row["key"]]
+        assert (got["text"], got["prompt_tokens"], got["error"]) == (ref.text, ref.prompt_tokens, None)
+    assert out["no-text"]["error"] == "prompt: prompt.template names {TEXT}, which this row lacks (missing or null)"
+    assert out["no-title"]["error"] == "prompt: prompt.template names {meta.title}, which this row lacks (missing or null)"
+    assert out["no-title"]["error_kind"] == "prompt"
