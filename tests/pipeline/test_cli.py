@@ -143,7 +143,8 @@ def test_serve_answers_until_interrupted(tmp_path, tiny_llava):
         assert ok.status_code == 200 and ok.json()["data"][0]["id"] == tiny_llava
     finally:
         os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=120) == 0
+        # A bound, not a timing check: Serve drains each replica and the engine is closed on the way out.
+        assert proc.wait(timeout=300) == 0
 
 
 def test_serve_with_a_bad_config_exits_2(tmp_path):
