@@ -217,11 +217,6 @@ class S3Store:
             raise
 
 
-def _store(url: str, cfg: Config):
-    fs, path = fsspec_fs(url, cfg.storage)
-    return LocalStore(path) if is_local(fs) else S3Store(fs, path)
-
-
 @dataclass(frozen=True)
 class Fence:
     """Checked in the write tasks before an output file is published: the lease still names this
@@ -249,8 +244,8 @@ class Lease:
         self.url = lease_path(cfg)
         self.expiry_s = cfg.output.lease_expiry_s
         self.wait_s = cfg.output.lease_wait_s if cfg.output.lease_wait_s is not None else self.expiry_s
-        self.store = _store(self.url, cfg)
         self.fs, self.path = fsspec_fs(self.url, cfg.storage)
+        self.store = LocalStore(self.path) if is_local(self.fs) else S3Store(self.fs, self.path)
         self.run = uuid.uuid4().hex[:8]
         self.host, self.pid, self.boot = socket.gethostname(), os.getpid(), _boot_id()
         self.owner = f"{self.host}:{self.pid}:{self.run}"

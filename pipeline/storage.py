@@ -165,7 +165,6 @@ class OutputHandler(FSSpecHandler):
         self.fence = fence
 
     def open_output_stream(self, path, metadata):
-
         if is_local(self.fs):
             return PythonFile(open_atomic(self.fs, path, self.fence), mode="w")
         if self.fence is not None:
