@@ -148,7 +148,7 @@ class InputConfig(_Strict):
     def _some_path(cls, value: str | list[str]) -> str | list[str]:
         paths = [value] if isinstance(value, str) else value
         if not paths or not all(p.strip() for p in paths):
-            raise ConfigError("input.path", f"{value!r}: give a Parquet file, folder, glob or URL, or a non-empty list of them")
+            raise ConfigError("input.path", f"{value!r}: give an input file, folder, glob or URL, or a non-empty list of them")
         return value
 
 

@@ -97,7 +97,7 @@ def test_input_and_output_values_are_refused_before_ray_in_one_line(tiny_llava, 
                 assert "\n" not in str(e) and key.split(".")[0] in str(e), (key, value, str(e))
     with pytest.raises(ConfigError) as e:
         load_config(base, ["input.path=[]"])
-    assert str(e.value) == "input.path: []: give a Parquet file, folder, glob or URL, or a non-empty list of them"
+    assert str(e.value) == "input.path: []: give an input file, folder, glob or URL, or a non-empty list of them"
 
 
 @pytest.mark.parametrize("template, cause", [
