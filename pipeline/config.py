@@ -135,10 +135,16 @@ class StorageConfig(_Strict):
     secret: str | None = Field(default=None, repr=False)
 
 
+class WebDatasetConfig(_Strict):
+    # A sample's image: its first member with one of these extensions (others are not read).
+    image_keys: list[str] = Field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"], min_length=1)
+
+
 class InputConfig(_Strict):
     path: str | list[str]
-    # auto: by the files' extensions (.parquet, .jsonl/.json/.ndjson, .csv, image files), said in the log.
-    format: Literal["auto", "parquet", "json", "csv", "images"] = "auto"
+    # auto: by the files' extensions (.parquet, .jsonl/.json/.ndjson, .csv, .tar, image files), said in the log.
+    format: Literal["auto", "parquet", "json", "csv", "images", "webdataset"] = "auto"
+    webdataset: WebDatasetConfig = Field(default_factory=WebDatasetConfig)
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
     passthrough: list[str] = Field(default_factory=list)
     duplicate_ids: Literal["error", "keep_first"] = "error"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import posixpath
+from collections import Counter
+from dataclasses import dataclass
 from typing import ClassVar
 
 import pyarrow as pa
@@ -148,30 +150,37 @@ class CsvReader(_TextTableReader):
         return ray.data.read_csv(self.files, filesystem=self.fs, convert_options=convert).select_columns(columns)
 
 
+def _named_files(cfg: Config, extensions: tuple[str, ...], what: str) -> tuple:
+    """(fs, files, names, urls) of an input's files: each file's name relative to its root (the
+    folder; a glob: its folder before the first wildcard; a file: its folder) and its full URL."""
+    urls = [cfg.input.path] if isinstance(cfg.input.path, str) else list(cfg.input.path)
+    names, full, listed, fs = [], [], [], None
+    for url in urls:
+        fs, files = input_files(url, cfg.storage, extensions, what)
+        path = fsspec_fs(url, cfg.storage)[1]
+        if any(ch in path for ch in "*?["):
+            root = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
+        else:
+            root = posixpath.dirname(path) if files == [path] else path.rstrip("/")
+        scheme = url.split("://", 1)[0] + "://" if "://" in url else ""
+        names += [posixpath.relpath(f, root) for f in files]
+        full += [scheme + f for f in files]
+        listed += files
+    return fs, listed, names, full
+
+
 class ImagesReader(Reader):
     """A folder, prefix or glob of image files: one row per file, its id the path relative to
-    the folder (a glob: its folder before the first wildcard; a file: its folder) and its
-    `image_path` the file's full path or URL. Only names cross to Ray: each image is read by
-    the CPU actors (`images.py`), as an `image_path` column is."""
+    the input's root (`_named_files`) and its `image_path` the file's full path or URL. Only
+    names cross to Ray: each image is read by the CPU actors (`images.py`), as an `image_path`
+    column is."""
 
     format, what = "images", "image"
     extensions = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
     def __init__(self, cfg: Config):
-        urls = [cfg.input.path] if isinstance(cfg.input.path, str) else list(cfg.input.path)
-        self.names, self.urls, listed = [], [], []
-        for url in urls:
-            fs, files = input_files(url, cfg.storage, self.extensions, self.what)
-            path = fsspec_fs(url, cfg.storage)[1]
-            if any(ch in path for ch in "*?["):
-                root = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
-            else:
-                root = posixpath.dirname(path) if files == [path] else path.rstrip("/")
-            scheme = url.split("://", 1)[0] + "://" if "://" in url else ""
-            self.names += [posixpath.relpath(f, root) for f in files]
-            self.urls += [scheme + f for f in files]
-            listed += files
-        super().__init__(cfg, fs, listed)
+        fs, files, self.names, self.urls = _named_files(cfg, self.extensions, self.what)
+        super().__init__(cfg, fs, files)
 
     def _table(self) -> pa.Table:
         cols = self.cfg.input.columns
@@ -188,6 +197,103 @@ class ImagesReader(Reader):
 
         # A Read (not from_arrow), so Ray's checkpoint filter and writer apply: resume works.
         return ray.data.read_datasource(_table_source(self._table().select(columns), self.cfg.resources.rows_per_block))
+
+
+@dataclass(frozen=True)
+class _Samples:
+    """How a WebDataset sample becomes a row: what the read tasks need, and nothing else (no
+    config, no credentials)."""
+
+    id_column: str
+    image_column: str
+    image_keys: tuple[str, ...]
+    shard_names: dict[str, str]  # shard path -> its name under the input's root
+    repeated: frozenset[str]  # keys found in more than one shard
+
+    def id(self, shard: str, key: str) -> str:
+        return f"{self.shard_names[shard]}/{key}" if key in self.repeated else key
+
+    def table(self, samples, shard: str, schema: pa.Schema) -> pa.Table:
+        """Ray's undecoded samples of one shard (a DataFrame of member bytes) -> typed rows."""
+        records = samples.to_dict("records")
+        data = {}
+        for field in schema:
+            if field.name == self.id_column:
+                data[field.name] = [self.id(shard, r["__key__"]) for r in records]
+            elif field.name == self.image_column:
+                data[field.name] = [next((r[k] for k in self.image_keys if isinstance(r.get(k), bytes)), None)
+                                    for r in records]
+            else:  # a text member; a byte that is not UTF-8 becomes U+FFFD, never a failed read
+                data[field.name] = [r[field.name].decode("utf-8", "replace") if isinstance(r.get(field.name), bytes)
+                                    else None for r in records]
+        return pa.table(data, schema=schema)
+
+
+class WebDatasetReader(Reader):
+    """WebDataset tar shards (img2dataset, NeMo): one row per sample, read by Ray Data's own
+    WebDataset reader. The id is the sample key; a key found in several shards is prefixed with
+    its shard's name (`_named_files`), so ids are unique and the same on every run. The image is
+    the sample's first member named in `input.webdataset.image_keys`; every other member becomes
+    a string column named by its extension (`txt`, `json`), for passthrough and `prompt.template`.
+
+    The start-up checks scan the shards' tar headers (members are skipped, not read): the keys
+    for the ids, the extensions for the columns; a shard that is not a readable tar or splits a
+    sample is refused there, before any work."""
+
+    format, extensions, what = "webdataset", (".tar",), "WebDataset tar"
+
+    def __init__(self, cfg: Config):
+        fs, files, names, _ = _named_files(cfg, self.extensions, self.what)
+        super().__init__(cfg, fs, files)
+        self._names = dict(zip(files, names))
+        self._samples: _Samples | None = None
+        self._keys: list[list[str]] = []  # per shard, its samples' keys in order
+        self._members: list[str] = []  # every member extension seen, in order of first appearance
+
+    def _scan(self) -> _Samples:
+        if self._samples is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(16, len(self.files))) as pool:  # latency-bound on object stores
+                found = list(pool.map(self._scan_shard, self.files))
+            self._keys = [keys for keys, _ in found]
+            self._members = list(dict.fromkeys(m for _, members in found for m in members))
+            counts = Counter(k for keys in self._keys for k in keys)
+            cols = self.cfg.input.columns
+            self._samples = _Samples(cols.id, cols.image, tuple(self.cfg.input.webdataset.image_keys), self._names,
+                                     frozenset(k for k, n in counts.items() if n > 1))
+        return self._samples
+
+    def _scan_shard(self, path: str) -> tuple[list[str], list[str]]:
+        import tarfile
+
+        from ray.data._internal.datasource.webdataset_datasource import _group_by_keys
+
+        try:
+            with self.fs.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                members = [{"fname": m.name, "data": None} for m in tar if m.isreg()]
+            # Ray's own grouping, so these keys are the keys its reader gives.
+            samples = list(_group_by_keys(iter(members), meta={"__url__": path}))
+        except (OSError, tarfile.TarError, ValueError) as e:
+            raise self._unreadable(path, e) from None
+        return [s["__key__"] for s in samples], [k for s in samples for k in s if not k.startswith("__")]
+
+    def schemas(self) -> list[pa.Schema]:
+        samples = self._scan()
+        fields = [pa.field(samples.id_column, pa.string()), pa.field(samples.image_column, pa.binary())]
+        taken = {samples.id_column, samples.image_column, *samples.image_keys}
+        fields += [pa.field(m, pa.string()) for m in self._members if m not in taken]
+        return [pa.schema(fields)] * len(self.files)
+
+    def ids(self, column: str) -> pa.ChunkedArray:
+        samples = self._scan()
+        ids = [samples.id(f, k) for f, keys in zip(self.files, self._keys) for k in keys]
+        return pa.chunked_array([pa.array(ids, pa.string())])
+
+    def dataset(self, columns: list[str], schema: pa.Schema):
+        import ray
+
+        return ray.data.read_datasource(_shards_source(self.files, self.fs, self._scan(), schema))
 
 
 def _table_source(table: pa.Table, rows_per_task: int):
@@ -208,7 +314,20 @@ def _table_source(table: pa.Table, rows_per_task: int):
     return TableSource()
 
 
-READERS: dict[str, type[Reader]] = {r.format: r for r in (ParquetReader, JsonReader, CsvReader, ImagesReader)}
+def _shards_source(files: list[str], fs, samples: _Samples, schema: pa.Schema):
+    """Ray Data's WebDataset datasource, members left undecoded (the CPU actors decode images,
+    as for every format), each shard's samples typed as `schema` (`_Samples.table`)."""
+    from ray.data._internal.datasource.webdataset_datasource import WebDatasetDatasource
+
+    class Shards(WebDatasetDatasource):
+        def _read_stream(self, stream, path: str):
+            for part in super()._read_stream(stream, path):
+                yield samples.table(part, path, schema)
+
+    return Shards(files, decoder=None, filesystem=fs, file_extensions=None)
+
+
+READERS: dict[str, type[Reader]] = {r.format: r for r in (ParquetReader, JsonReader, CsvReader, ImagesReader, WebDatasetReader)}
 
 
 def _auto(cfg: Config) -> type[Reader]:

@@ -6,6 +6,7 @@ into a `PreparedRequest`; an engine turns that into a `Result`. No I/O, no Ray.
 
 from __future__ import annotations
 
+import json
 import string
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,11 +46,18 @@ class Record(BaseModel):
 
 
 class _RowFormatter(string.Formatter):
-    """str.format over a row: `{col}` a column, `{col.field}` a field of a struct column (a dict)."""
+    """str.format over a row: `{col}` a column, `{col.field}` a field of a struct column (a dict)
+    or of a JSON object held as text (a WebDataset sample's `json` member, a JSON string column)."""
 
     def get_field(self, field_name: str, args, kwargs) -> tuple[Any, str]:
         value: Any = kwargs
         for part in field_name.split("."):
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    raise PromptError(f"prompt.template names {{{field_name}}}, but this row's value is not a "
+                                      "JSON object") from None
             value = value.get(part) if isinstance(value, dict) else None
             if value is None:
                 raise PromptError(f"prompt.template names {{{field_name}}}, which this row lacks (missing or null)")

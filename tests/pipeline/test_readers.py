@@ -116,7 +116,7 @@ def _read_output(cfg, key: str = "key") -> dict:
     """The job's output (local or S3) as {id: row}, through the job's own output reader."""
     from pipeline.storage import output_rows
 
-    rows = output_rows(cfg.output.path, cfg.storage, [key, "TEXT", "text", "prompt_tokens", "error", "error_kind"]).to_pylist()
+    rows = output_rows(cfg.output.path, cfg.storage, [key, "TEXT", "txt", "text", "prompt_tokens", "error", "error_kind"]).to_pylist()
     by_id = {r[key]: r for r in rows}
     assert len(by_id) == len(rows), "duplicate ids in the output"
     return by_id
@@ -237,3 +237,137 @@ def test_prompt_template_equals_transformers_on_the_formatted_prompt(ray_local, 
     assert out["no-text"]["error"] == "prompt: prompt.template names {TEXT}, which this row lacks (missing or null)"
     assert out["no-title"]["error"] == "prompt: prompt.template names {meta.title}, which this row lacks (missing or null)"
     assert out["no-title"]["error_kind"] == "prompt"
+
+
+def _tar(samples: list[tuple[str, bytes]]) -> bytes:
+    """A WebDataset shard: tar members in the order given."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in samples:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _shards(put, n_per_shard: int = 2, shards: int = 2, bad: bool = True) -> dict[str, dict]:
+    """img2dataset-style shards (`key.jpg` + `key.txt` + `key.json`); with `bad`, a corrupt JPEG,
+    a sample without an image and a key repeated in the next shard. Returns {id: sample}."""
+    names = ["astronaut", "coffee", "rocket", "chelsea"]
+    expected: dict[str, dict] = {}
+    for s in range(shards):
+        members = []
+        for i in range(n_per_shard):
+            key = f"{s:03d}{i:04d}"
+            ext, fmt = ("png", "PNG") if i % 3 == 2 else ("jpg", "JPEG")
+            image = resized(names[(s + i) % 4], 40 + i, 56, fmt)
+            sample = {"image": image, "txt": f"alt text {key}", "json": json.dumps({"title": f"page {key}"})}
+            members += [(f"{key}.{ext}", image), (f"{key}.txt", sample["txt"].encode()), (f"{key}.json", sample["json"].encode())]
+            expected[key] = sample
+        if bad:
+            meta = json.dumps({"title": "t"}).encode()
+            members += [(f"corrupt{s}.jpg", encode(photo("coffee"), "JPEG")[:200]), (f"corrupt{s}.txt", b"cut"),
+                        (f"corrupt{s}.json", meta)]
+            members += [(f"noimage{s}.txt", b"text only"), (f"noimage{s}.json", meta)]
+            members += [("same.jpg", resized("rocket", 32, 32)), ("same.txt", f"shard {s}".encode())]
+            expected |= {f"corrupt{s}": {"txt": "cut"}, f"noimage{s}": {"txt": "text only"},
+                         f"part-{s}.tar/same": {"txt": f"shard {s}"}}
+        put(f"part-{s}.tar", _tar(members))
+    return expected
+
+
+def _local_put(root):
+    def put(name, data):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return put
+
+
+def test_webdataset_ids_are_keys_unique_across_shards_and_columns_are_members(tiny_llava, tmp_path):
+    expected = _shards(_local_put(tmp_path / "in"))
+    cfg = load_config({"model": {"name": tiny_llava}, "input": {"path": str(tmp_path / "in"), "passthrough": ["txt", "json"]},
+                       "output": {"path": str(tmp_path / "out")}})
+    plan = inspect_input(cfg, open_input(cfg))
+    assert plan.reader.format == "webdataset" and plan.columns == ["id", "image", "txt", "json"]
+    assert sorted(plan.reader.ids("id").to_pylist()) == sorted(expected)  # the repeated key is prefixed by its shard
+    assert plan.rows == len(expected)
+
+
+def test_a_webdataset_shard_that_cannot_serve_the_job_is_one_line_at_start(tiny_llava, tmp_path):
+    good = _tar([("a.jpg", resized("coffee", 32, 32)), ("a.txt", b"x")])
+    cases = {  # a shard cut short; a sample whose members are not adjacent (Ray's reader would fail mid-job)
+        "cut.tar": (good[:700], "unexpected end of data"),
+        "split.tar": (_tar([("a.jpg", b"1"), ("b.jpg", b"2"), ("a.txt", b"3")]), "WebDataset tar entries for key 'a' are not contiguous"),
+    }
+    for name, (data, cause) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        cfg = load_config({"model": {"name": tiny_llava}, "input": {"path": str(tmp_path / name)},
+                           "output": {"path": str(tmp_path / "out")}})
+        with pytest.raises(JobError) as e:
+            inspect_input(cfg, open_input(cfg))
+        assert str(e.value).startswith(f"input.path: {tmp_path}/{name} is not a readable WebDataset tar file: {cause}")
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_webdataset_job_every_sample_once_bad_members_named(ray_local, tiny_llava, tmp_path, request, store):
+    """Shards with a corrupt JPEG member, a sample without an image and a key in both shards:
+    every sample once, ids stable across reruns, row errors named; the prompt template over the
+    `txt` and `json` members equals transformers given the formatted prompt."""
+    from tests.conftest import reference
+
+    if store == "s3":
+        url = request.getfixturevalue("s3_endpoint")
+        fs, root = s3_fs(url), f"{BUCKET}/webdataset"
+        put, prefix, extra = (lambda name, data: fs.pipe(f"{root}/in/{name}", data)), f"s3://{root}", {"storage": s3_storage(url)}
+    else:
+        put, prefix, extra = _local_put(tmp_path / "in"), str(tmp_path), {}
+    expected = _shards(put)
+    template = "The alt text is: {txt}. The page is {json.title}. Write a detailed caption."
+    cfg = load_config({"model": {"name": tiny_llava}, "generation": {"max_new_tokens": 4},
+                       "input": {"path": f"{prefix}/in/", "passthrough": ["txt"]}, "output": {"path": f"{prefix}/out"},
+                       "prompt": {"template": template},
+                       "resources": {"rows_per_block": 2, "model_batch_size": 2, "preprocess_batch_size": 2}} | extra)
+    summary = run_job(cfg)
+    out = _read_output(cfg, "id")
+    assert sorted(out) == sorted(expected)
+    assert (summary.rows_total, summary.rows_ok, summary.rows_failed) == (10, 4, 6)
+    assert {k: r["txt"] for k, r in out.items()} == {k: s["txt"] for k, s in expected.items()}  # a member as passthrough
+    for s in (0, 1):
+        assert out[f"corrupt{s}"]["error_kind"] == "decode" and out[f"corrupt{s}"]["error"].startswith("image: ")
+        assert out[f"noimage{s}"]["error"] == "input: the row has no image"
+        # `same` has a JPEG but no json member: the template's {json.title} is missing
+        assert out[f"part-{s}.tar/same"]["error"] == "prompt: prompt.template names {json.title}, which this row lacks (missing or null)"
+    key = "0000001"
+    ref = reference(tiny_llava, [expected[key]["image"]], f"The alt text is: alt text {key}. The page is page {key}. Write a detailed caption.", 4)
+    assert (out[key]["text"], out[key]["prompt_tokens"], out[key]["error"]) == (ref.text, ref.prompt_tokens, None)
+    assert run_job(cfg).rows_processed == 0  # the same ids on a rerun: nothing left to do
+
+
+@pytest.mark.slow
+def test_webdataset_job_killed_and_rerun_processes_only_the_missing_rows(ray_local, tiny_llava, tmp_path):
+    import yaml
+
+    from tests.pipeline.test_resume import _committed_ids, _kill_tree, _start_job, _wait_committed
+
+    expected = _shards(_local_put(tmp_path / "in"), n_per_shard=20, shards=2, bad=False)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"name": tiny_llava}, "generation": {"max_new_tokens": 16},
+        "input": {"path": str(tmp_path / "in"), "format": "webdataset"},
+        "output": {"path": str(tmp_path / "out"), "lease_expiry_s": 5, "lease_wait_s": 0},
+        "resources": {"rows_per_block": 4, "model_batch_size": 4, "preprocess_batch_size": 4}}))
+    cfg = load_config(path)
+    proc = _start_job(path)
+    _wait_committed(cfg, proc, 8)
+    _kill_tree(proc.pid)
+    proc.wait()
+    done = _committed_ids(cfg)
+    assert 8 <= len(done) < 40, "the stop should land mid-job"
+    summary = run_job(cfg)
+    out = _read_output(cfg, "id")
+    assert sorted(out) == sorted(expected) and all(r["error"] is None for r in out.values())
+    assert summary.rows_processed == 40 - len(done)  # only what was missing
