@@ -22,17 +22,22 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _on_cluster() -> bool:
+    """A Ray cluster to attach to (RAY_ADDRESS), or a Ray this process already started."""
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    import ray
+
+    return ray.is_initialized()
+
+
 def cuda_available() -> bool:
     """A CUDA GPU here, or a Ray cluster to run on: on KubeRay the job driver and Serve's app
     builder run on a head without GPUs, and GPU workers may still be scaling up from zero, so
     there GPU placement is Ray's scheduling to do, not a reason to refuse the config."""
     import torch
 
-    if torch.cuda.is_available() or os.environ.get("RAY_ADDRESS"):
-        return True
-    import ray
-
-    return ray.is_initialized()
+    return torch.cuda.is_available() or _on_cluster()
 
 
 def check_environment(cfg: Config) -> Checkpoint:
@@ -51,6 +56,10 @@ def check_environment(cfg: Config) -> Checkpoint:
             raise ConfigError("model.attn_implementation", "flash_attention_2 needs: pip install flash-attn; or use sdpa")
     if cfg.model.quantization.mode != "none" and not _has("bitsandbytes"):
         raise ConfigError("model.quantization.mode", f"{cfg.model.quantization.mode} needs: pip install 'llava-ray[quant]'")
+    for key in ("preprocess_resources", "model_resources"):
+        if getattr(cfg.resources, key) and not _on_cluster():
+            raise ConfigError(f"resources.{key}", "custom resources need a Ray cluster whose nodes declare them "
+                              "(RAY_ADDRESS); an embedded Ray has none, so the pool would never start")
     checkpoint = Checkpoint.load(cfg.model)
     if cfg.backend == "vllm":
         check_vllm_settings(cfg, checkpoint)

@@ -183,6 +183,10 @@ class ResourcesConfig(_Strict):
     model_batch_size: int = Field(default=8, ge=1)
     # Bounds the rows per Ray Data block, which bounds what a stop can lose (ARCHITECTURE.md, "Resume").
     rows_per_block: int = Field(default=128, ge=1, le=2048)
+    # Custom Ray resources each actor of a pool asks for, to place the pool on a node group: e.g.
+    # {"model_node": 1} with the GPU workers started with `--resources='{"model_node": 8}'`.
+    preprocess_resources: dict[str, float] = Field(default_factory=dict)
+    model_resources: dict[str, float] = Field(default_factory=dict)
 
 
 class LimitsConfig(_Strict):

@@ -268,27 +268,36 @@ class DropRepeatedIds:
         return batch.filter(pa.array(keep, pa.bool_()))
 
 
+def _pool(actors: int):
+    """A fixed-size actor pool (Ray Data's `compute`; `concurrency=` is deprecated)."""
+    from ray.data import ActorPoolStrategy
+
+    return ActorPoolStrategy(size=actors)
+
+
 def drop_repeated_kwargs(cfg: Config, repeated: list) -> dict[str, Any]:
     return dict(
         fn_constructor_kwargs={"id_column": cfg.input.columns.id, "repeated": repeated},
         batch_format="pyarrow",
-        concurrency=1,
+        compute=_pool(1),
         num_cpus=0.1,
     )
 
 
 # Actor restarts and task retries: Ray Data's defaults (restart forever, retry tasks) are what a
 # long job wants, so they are not overridden here.
-def _actor_pool_kwargs(cfg: Config, batch_size: int, actors: int, cpus: float, gpus: float = 0, **secrets) -> dict[str, Any]:
+def _actor_pool_kwargs(cfg: Config, batch_size: int, actors: int, cpus: float, gpus: float, resources: dict,
+                       **secrets) -> dict[str, Any]:
     """The constructor gets the config without its secrets (Ray shows actor arguments in its
     dashboard and task specs); a secret the actor needs goes by reference (`_by_reference`)."""
     return dict(
         fn_constructor_kwargs={"config": cfg.without_secrets().model_dump(), **secrets},
         batch_size=batch_size,
         batch_format="pyarrow",
-        concurrency=actors,
+        compute=_pool(actors),
         num_cpus=cpus,
         num_gpus=gpus or None,
+        resources=resources or None,
     )
 
 
@@ -308,8 +317,8 @@ def preprocess_kwargs(cfg: Config) -> dict[str, Any]:
     """Only this stage reads with the storage credentials (s3:// images); the model stage has no
     use for any secret."""
     r = cfg.resources
-    return _actor_pool_kwargs(cfg, r.preprocess_batch_size, r.preprocess_actors, r.preprocess_cpus,
-                              storage_secrets=_by_reference(cfg.secrets().get("storage")))
+    return _actor_pool_kwargs(cfg, r.preprocess_batch_size, r.preprocess_actors, r.preprocess_cpus, 0,
+                              r.preprocess_resources, storage_secrets=_by_reference(cfg.secrets().get("storage")))
 
 
 def generate_stage(cfg: Config) -> type[GenerateStage]:
@@ -319,7 +328,8 @@ def generate_stage(cfg: Config) -> type[GenerateStage]:
 
 def generate_kwargs(cfg: Config) -> dict[str, Any]:
     r = cfg.resources
-    kwargs = _actor_pool_kwargs(cfg, r.model_batch_size, r.model_actors, r.model_cpus, r.num_gpus_per_actor)
+    kwargs = _actor_pool_kwargs(cfg, r.model_batch_size, r.model_actors, r.model_cpus, r.num_gpus_per_actor,
+                                r.model_resources)
     if generate_stage(cfg) is AsyncGenerateStage:
         n = cfg.vllm.batches_in_flight
         if r.model_batch_size * n < cfg.vllm.max_num_seqs:

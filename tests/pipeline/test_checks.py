@@ -43,6 +43,14 @@ def test_flash_attention_without_gpu_fails_check_config(tiny_llava):
     assert res.stderr.strip() == "config error: model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa"
 
 
+def test_custom_resources_without_a_cluster_fail_check_config(tiny_llava):
+    res = cli("check-config", "configs/demo.yaml", "--set", f"model.name={tiny_llava}",
+              "--set", 'resources.model_resources={"model_node": 1}')
+    assert res.returncode == 2
+    assert res.stderr.strip() == ("config error: resources.model_resources: custom resources need a Ray cluster whose nodes "
+                                  "declare them (RAY_ADDRESS); an embedded Ray has none, so the pool would never start")
+
+
 def _vllm_cfg(ckpt, **extra):
     base = {"backend": "vllm", "resources": {"num_gpus_per_actor": 1}, "vllm": {"limit_mm_per_prompt": 4}}
     for key, value in extra.items():
