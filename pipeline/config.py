@@ -147,7 +147,12 @@ class InputConfig(_Strict):
     webdataset: WebDatasetConfig = Field(default_factory=WebDatasetConfig)
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
     passthrough: list[str] = Field(default_factory=list)
-    duplicate_ids: Literal["error", "keep_first"] = "error"
+    # error: a repeated id stops the job at start; keep_first: the first row in input order wins;
+    # trust: the input is known to be unique, nothing is checked (no pass over the ids at all).
+    duplicate_ids: Literal["error", "keep_first", "trust"] = "error"
+    # Inputs of up to this many rows have their ids checked on the driver (fast, ~100 MB per 1M
+    # ids); larger ones by a Ray Data aggregation on the cluster, the driver holding only repeats.
+    driver_id_check_max_rows: int = Field(default=1_000_000, ge=0)
 
     @field_validator("path")
     @classmethod

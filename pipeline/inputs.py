@@ -10,7 +10,7 @@ column types disagree, input names that collide with the output's own columns.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -72,6 +72,7 @@ class InputPlan:
     rows: int
     dropped_duplicates: int  # rows that repeat an earlier id (input.duplicate_ids: keep_first)
     repeated_ids: list  # the ids that repeat (for the drop stage)
+    ids_checked: bool = True  # False: left to check_ids_on_cluster (a large input)
 
 
 def _check_types(cfg: Config, files: list[str], schemas: list[pa.Schema]) -> list[str]:
@@ -126,34 +127,54 @@ def _check_types(cfg: Config, files: list[str], schemas: list[pa.Schema]) -> lis
     return columns
 
 
-def _check_ids(cfg: Config, ids: pa.ChunkedArray) -> tuple[int, list]:
-    """(rows that repeat an earlier id, the ids that repeat); raises unless keep_first."""
-    nulls = ids.null_count
+def _verdict(cfg: Config, repeated: list[tuple]) -> tuple[int, list]:
+    """(rows that repeat an earlier id, the ids that repeat) from (id, rows) of each id seen more
+    than once or null; raises on a null id, and on a repeat unless keep_first."""
+    nulls = sum(n for v, n in repeated if v is None)
     if nulls:
         raise JobError(f"input: {nulls} rows have a null id (column {cfg.input.columns.id!r}); every row needs an id")
-    dropped = len(ids) - pc.count_distinct(ids, mode="all").as_py()
-    if not dropped:
+    if not repeated:
         return 0, []
-    counts = pc.value_counts(ids).to_pylist()
-    repeated = [v["values"] for v in counts if v["counts"] > 1]
+    dropped, ids = sum(n - 1 for _, n in repeated), [v for v, _ in repeated]
     if cfg.input.duplicate_ids == "error":
         raise JobError(
-            f"input: {dropped} rows repeat an id ({len(repeated)} ids, e.g. {repeated[0]!r}); ids must be unique "
-            "for exactly-once output and resume. Fix the input, or set input.duplicate_ids=keep_first"
+            f"input: {dropped} rows repeat an id ({len(ids)} ids, e.g. {ids[0]!r}); ids must be unique "
+            "for exactly-once output and resume. Fix the input, set input.duplicate_ids=keep_first, or "
+            "input.duplicate_ids=trust for an input known to be unique"
         )
     logger.warning("input: dropping %d rows whose id appeared earlier (input.duplicate_ids=keep_first)", dropped)
-    return dropped, repeated
+    return dropped, ids
+
+
+def _repeats(ids: pa.ChunkedArray) -> list[tuple]:
+    """(id, rows) of each id that repeats or is null, from ids on the driver."""
+    counts = pc.value_counts(ids).flatten()
+    values, n = counts
+    keep = pc.or_(pc.greater(n, 1), pc.is_null(values))
+    return list(zip(values.filter(keep).to_pylist(), n.filter(keep).to_pylist()))
 
 
 def inspect_input(cfg: Config, reader: Reader) -> InputPlan:
     """Check the input (`readers.open_input`) and return what to read; JobError (one line)
-    when it cannot serve the job."""
+    when it cannot serve the job. The ids of an input over `input.driver_id_check_max_rows`
+    are left to `check_ids_on_cluster`, once Ray runs (`ids_checked` False)."""
     schemas = reader.schemas()
     columns = _check_types(cfg, reader.files, schemas)
-    ids = reader.ids(cfg.input.columns.id)
-    dropped, repeated = _check_ids(cfg, ids)
     # Each column's type: the first file's, unless a file before had only nulls there.
     schema = pa.schema([next((f for f in (s.field(c) for s in schemas) if not pa.types.is_null(f.type)), schemas[0].field(c))
                         for c in columns])
+    rows = reader.count()
+    trust = cfg.input.duplicate_ids == "trust"
+    on_driver = not trust and rows <= cfg.input.driver_id_check_max_rows
+    dropped, repeated = _verdict(cfg, _repeats(reader.ids(cfg.input.columns.id))) if on_driver else (0, [])
     return InputPlan(reader=reader, columns=columns, schema=schema, id_type=schema.field(cfg.input.columns.id).type,
-                     rows=len(ids), dropped_duplicates=dropped, repeated_ids=repeated)
+                     rows=rows, dropped_duplicates=dropped, repeated_ids=repeated, ids_checked=trust or on_driver)
+
+
+def check_ids_on_cluster(cfg: Config, plan: InputPlan) -> InputPlan:
+    """The id check of a large input, on the cluster (`Reader.repeated_ids`), before any work."""
+    if plan.ids_checked:
+        return plan
+    logger.info("input: checking %d ids for repeats on the cluster", plan.rows)
+    dropped, repeated = _verdict(cfg, plan.reader.repeated_ids(cfg.input.columns.id, plan.schema))
+    return replace(plan, dropped_duplicates=dropped, repeated_ids=repeated, ids_checked=True)

@@ -23,7 +23,7 @@ from .stages import (
     generate_stage,
     preprocess_kwargs,
 )
-from .inputs import InputPlan, inspect_input
+from .inputs import InputPlan, check_ids_on_cluster, inspect_input
 from .lease import Lease
 from .outputs import check_no_overlap, check_writable
 from .progress import Progress, Reporter, Tally, tally
@@ -66,6 +66,8 @@ def run_job(cfg: Config, *, retry_failed: bool | list[str] = False) -> JobSummar
     lease, then run. `retry_failed`: rerun failed rows first (True: all; a list: those error
     kinds). ARCHITECTURE.md, "Job start, resume and the one writer", says what a rerun does."""
     checkpoint, plan = preflight(cfg)
+    init_ray(cfg)
+    plan = check_ids_on_cluster(cfg, plan)  # a large input's ids: before the output is touched
     with Lease(cfg) as lease:
         return _run(cfg, plan, checkpoint, retry_failed, lease)
 
@@ -99,7 +101,6 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
     committed, uncommitted = split_output(cfg)
     before = tally(cfg, committed)
 
-    init_ray(cfg)
     ctx = DataContext.get_current()
     ckpt_fs, ckpt_path = arrow_fs(checkpoint_path(cfg), cfg.storage)
     ctx.checkpoint_config = CheckpointConfig(

@@ -43,9 +43,22 @@ class Reader:
     def ids(self, column: str) -> pa.ChunkedArray:
         raise NotImplementedError
 
+    def count(self) -> int:
+        """Rows in the input, as cheaply as the format allows."""
+        return len(self.ids(self.cfg.input.columns.id))
+
     def dataset(self, columns: list[str], schema: pa.Schema):
         """The Ray Data Dataset of `columns`, typed as `schema` says (the first file's types)."""
         raise NotImplementedError
+
+    def repeated_ids(self, column: str, schema: pa.Schema) -> list[tuple]:
+        """(id, rows) of each id that repeats or is null, by a Ray Data hash aggregation on the
+        cluster: the driver holds only those, however large the input."""
+        from ray.data.expressions import col
+
+        counts = self.dataset([column], pa.schema([schema.field(column)])).groupby(column).count()
+        found = counts.filter(expr=(col("count()") > 1) | col(column).is_null()).take_all()
+        return [(row[column], row["count()"]) for row in found]
 
     def _unreadable(self, path: str, e: Exception) -> JobError:
         return JobError(f"input.path: {path} is not a readable {self.what} file: {str(e).strip().splitlines()[0]}")
@@ -68,6 +81,9 @@ class ParquetReader(Reader):
 
     def ids(self, column: str) -> pa.ChunkedArray:
         return parquet_dataset(self.files, self.fs).to_table(columns=[column]).column(0)
+
+    def count(self) -> int:
+        return parquet_dataset(self.files, self.fs).count_rows()  # the files' footers only
 
     def dataset(self, columns: list[str], schema: pa.Schema):
         import ray

@@ -121,13 +121,46 @@ def test_llava_next_job_mixed_aspect_ratios_and_multi_image_row(ray_local, tiny_
     assert out["pair"]["image_tokens"] > out["tall"]["image_tokens"]
 
 
-def test_duplicate_ids_fail_before_any_work(tiny_llava, tmp_path):
+# The id check on the driver (the default for up to 1M rows) and as a Ray Data aggregation on the
+# cluster (any input over input.driver_id_check_max_rows): the same verdicts.
+WHERE = pytest.mark.parametrize("where", [{}, {"driver_id_check_max_rows": 0}], ids=["driver", "cluster"])
+
+
+@WHERE
+def test_duplicate_ids_fail_before_any_work(ray_local, tiny_llava, tmp_path, where):
     img = resized("coffee", 64, 64)
     rows = [{"id": i, "image": img} for i in (1, 2, 2, 3, 3, 3)]
-    cfg = _job(tiny_llava, tmp_path, rows)
+    cfg = _job(tiny_llava, tmp_path, rows, input=where)
     with pytest.raises(JobError, match=r"input: 3 rows repeat an id \(2 ids, e.g. [23]\).*input.duplicate_ids=keep_first"):
         run_job(cfg)
-    assert not (tmp_path / "out").exists()
+    out = tmp_path / "out"  # nothing written (the cluster's check runs after the writability check's mkdir)
+    assert not out.exists() or not any(out.iterdir())
+    nulls = _job(tiny_llava, tmp_path, [{"id": 1, "image": img}, {"id": None, "image": img}], input=where)
+    with pytest.raises(JobError, match=r"^input: 1 rows have a null id \(column 'id'\); every row needs an id$"):
+        run_job(nulls)
+
+
+@WHERE
+def test_keep_first_drops_the_repeats_wherever_ids_are_checked(ray_local, tiny_llava, tmp_path, where):
+    rows = [{"id": i, "image": resized("coffee", 60 + n, 64), "prompt": f"Row {n}?"} for n, i in enumerate((5, 1, 5, 2, 1))]
+    summary = run_job(_job(tiny_llava, tmp_path, rows, input={"duplicate_ids": "keep_first", **where}))
+    out = read_output(tmp_path / "out")
+    assert sorted(out) == [1, 2, 5] and summary.dropped_duplicates == 2 and summary.rows_total == 3
+    assert {i: r["prompt_tokens"] > 0 for i, r in out.items()} == {1: True, 2: True, 5: True}
+
+
+def test_trust_reads_no_ids(tiny_llava, tmp_path):
+    """input.duplicate_ids: trust takes the input as unique: no pass over its ids at all (a
+    repeat in such an input is the user's word against it, not checked)."""
+    from pipeline.inputs import inspect_input
+    from pipeline.readers import open_input
+
+    rows = [{"id": i, "image": b"x"} for i in (1, 2, 2)]
+    cfg = _job(tiny_llava, tmp_path, rows, input={"duplicate_ids": "trust"})
+    plan = inspect_input(cfg, open_input(cfg))
+    assert (plan.rows, plan.dropped_duplicates, plan.repeated_ids, plan.ids_checked) == (3, 0, [], True)
+    checked = _job(tiny_llava, tmp_path, rows, input={"driver_id_check_max_rows": 2})
+    assert inspect_input(checked, open_input(checked)).ids_checked is False  # left to the cluster
 
 
 def test_missing_columns_are_named(tiny_llava, tmp_path):
