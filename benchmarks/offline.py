@@ -3,6 +3,7 @@
     python benchmarks/offline.py                      # N=256 rows, tiny LLaVA-1.5, 64 new tokens
     python benchmarks/offline.py --quick              # smoke run (N=16)
     python benchmarks/offline.py --rows 128 --out /tmp/offline.json
+    python benchmarks/offline.py --plateau --rows 64  # peak RSS at 10N vs 40N rows, budget vs none
 
 All systems run the same tiny random LLaVA-1.5 (pipeline.tiny), greedy, on the same Parquet of
 real photos (scikit-image, JPEG/PNG bytes, colour and grey, varied prompts), with the same torch
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -442,14 +444,56 @@ def markdown(r: dict) -> str:
     ])
 
 
+def plateau(n: int, out: str) -> dict:
+    """(a) at 10N and 40N rows with the default object-store budget
+    (`resources.object_store_mb_per_model_actor`), and at 40N without one (Ray Data's default
+    share of the store): the job's peak RSS must plateau (40N <= 1.1x 10N) at the same rows/s."""
+    with tempfile.TemporaryDirectory(prefix="bench-plateau-") as tmp:
+        from pipeline.tiny import build_tiny_checkpoint
+
+        work = Path(tmp)
+        llava = build_tiny_checkpoint(work / "tiny-llava", "llava")
+        images = encoded_images()
+        inputs = {k: write_input(work / f"input-{k}", k // n, n, images) for k in (10 * n, 40 * n)}
+        load_before = os.getloadavg()[0]
+        runs = {}
+        for label, rows, budget in (("capped_10n", 10 * n, "default"), ("capped_40n", 40 * n, "default"),
+                                    ("uncapped_40n", 40 * n, None)):
+            cfg = job_config(llava, inputs[rows], work / f"out-{label}", NEW_TOKENS)
+            if budget is None:
+                cfg = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"object_store_mb_per_model_actor": None})})
+            logger.info("%s: %d rows, object_store_mb_per_model_actor=%s", label, rows, cfg.resources.object_store_mb_per_model_actor)
+            runs[label] = _loaded(run_job_measured(cfg), label)
+    report = {
+        "benchmark": "offline-plateau",
+        "model": "tiny LLaVA-1.5", "max_new_tokens": NEW_TOKENS, "n": n, "resources": RESOURCES,
+        "load_average_1m": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
+        "runs": runs,
+        "rss_40n_over_10n": round(runs["capped_40n"]["peak_rss_mb"] / runs["capped_10n"]["peak_rss_mb"], 3),
+        "uncapped_rss_40n_over_capped_40n": round(runs["uncapped_40n"]["peak_rss_mb"] / runs["capped_40n"]["peak_rss_mb"], 3),
+        "rate_capped_over_uncapped_40n": round(runs["capped_40n"]["rec_per_s"] / runs["uncapped_40n"]["rec_per_s"], 3),
+    }
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    print("| run | rows | rows/s | peak RSS MB | peak PSS MB |\n| --- | ---: | ---: | ---: | ---: |")
+    for label, r in runs.items():
+        print(f"| {label} | {r['rows']} | {r['rec_per_s']} | {r['peak_rss_mb']} | {r['peak_pss_mb']} |")
+    print({k: report[k] for k in ("rss_40n_over_10n", "uncapped_rss_40n_over_capped_40n", "rate_capped_over_uncapped_40n")})
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=256, help="N: rows for (a), (b), (c); (a) runs again at 10N")
     p.add_argument("--quick", action="store_true", help="smoke run: N=16, one round")
     p.add_argument("--repeat", type=int, default=2, help="rounds of (a), (b), (c) at N rows; the fastest of each counts")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "offline.json"))
+    p.add_argument("--plateau", action="store_true", help="only the memory plateau: (a) at 10N and 40N, with and without the budget")
+    p.add_argument("--out", default=None, help="default: benchmarks/results/offline.json (plateau.json with --plateau)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    results = ROOT / "benchmarks" / "results"
+    if args.plateau:
+        return plateau(args.rows, args.out or str(results / "plateau.json"))
+    args.out = args.out or str(results / "offline.json")
     n = 16 if args.quick else args.rows
     if args.quick:
         args.repeat = 1

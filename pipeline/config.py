@@ -192,6 +192,10 @@ class ResourcesConfig(_Strict):
     # {"model_node": 1} with the GPU workers started with `--resources='{"model_node": 8}'`.
     preprocess_resources: dict[str, float] = Field(default_factory=dict)
     model_resources: dict[str, float] = Field(default_factory=dict)
+    # The job's object-store budget per model actor (MiB): bounds the prepared rows queued for
+    # the model, so memory stays flat however many rows the input has (benchmarks/offline.py
+    # --plateau); None: Ray Data's default, a share of the cluster's object store.
+    object_store_mb_per_model_actor: int | None = Field(default=256, ge=16)
 
 
 class LimitsConfig(_Strict):

@@ -21,6 +21,7 @@ from .stages import (
     drop_repeated_kwargs,
     generate_kwargs,
     generate_stage,
+    object_store_budget,
     preprocess_kwargs,
 )
 from .inputs import InputPlan, check_ids_on_cluster, inspect_input
@@ -111,8 +112,9 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
     )
     # keep_first: the one drop actor must see rows in the input's order (files as listed, a
     # folder or glob sorted by path; rows in file order), not in the order reads finish.
-    ordered = ctx.execution_options.preserve_order
+    ordered, limits = ctx.execution_options.preserve_order, ctx.execution_options.resource_limits
     ctx.execution_options.preserve_order = ordered or bool(plan.repeated_ids)
+    ctx.execution_options.resource_limits = object_store_budget(cfg, limits)
     out_fs, out_path = arrow_fs(cfg.output.path, cfg.storage, fence=lease.fence())
     progress = Progress(cfg, before, total=plan.rows - plan.dropped_duplicates, ignore=uncommitted)
     started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
@@ -127,6 +129,7 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
     finally:
         ctx.checkpoint_config = None
         ctx.execution_options.preserve_order = ordered
+        ctx.execution_options.resource_limits = limits
     lease.check()  # taken over while the last blocks ran: another run owns the output now
     seconds = time.perf_counter() - start
     whole = before + progress.run

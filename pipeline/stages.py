@@ -313,6 +313,16 @@ def _by_reference(secret: dict | None):
     return ray.put(secret)
 
 
+def object_store_budget(cfg: Config, limits):
+    """The streaming executor's object-store budget (Ray Data's `resource_limits`): rows that the
+    CPU stage prepares faster than the model consumes wait in the object store, and without a
+    bound that queue grows with the input (to a share of the store), and the job's memory with it."""
+    per_actor = cfg.resources.object_store_mb_per_model_actor
+    if per_actor is None:
+        return limits
+    return limits.copy(object_store_memory=per_actor * cfg.resources.model_actors * 1024**2)
+
+
 def preprocess_kwargs(cfg: Config) -> dict[str, Any]:
     """Only this stage reads with the storage credentials (s3:// images); the model stage has no
     use for any secret."""

@@ -119,3 +119,16 @@ def test_the_model_actor_closes_its_engine_when_ray_data_drops_it(tiny_llava):
     del stage
     gc.collect()
     assert engine.model is None and model() is None
+
+
+def test_the_object_store_budget_scales_with_the_model_actors_and_none_keeps_ray_s_default():
+    from ray.data import ExecutionResources
+
+    from pipeline.stages import object_store_budget
+
+    default = ExecutionResources.for_limits()
+    cfg = load_config({"model": {"name": "m"}, "resources": {"model_actors": 3}})
+    assert object_store_budget(cfg, default).object_store_memory == 3 * 256 * 2**20
+    assert object_store_budget(cfg, default).cpu == default.cpu  # only the store is bounded
+    unbounded = load_config({"model": {"name": "m"}, "resources": {"object_store_mb_per_model_actor": None}})
+    assert object_store_budget(unbounded, default) is default
