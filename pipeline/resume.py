@@ -93,6 +93,14 @@ def _ids(fs, files: list[str], id_col: str) -> pa.ChunkedArray:
     return pa.concat_tables(tables).column(0) if tables else pa.chunked_array([], pa.null())
 
 
+def _count_not_in(values: pa.ChunkedArray, others: pa.ChunkedArray) -> int:
+    if not len(values):
+        return 0
+    if not len(others):
+        return len(values)
+    return len(values) - (pc.sum(pc.is_in(values, value_set=others.combine_chunks())).as_py() or 0)
+
+
 def _kind(t: pa.DataType) -> str:
     return "integer" if pa.types.is_integer(t) else "string" if pa.types.is_string(t) or pa.types.is_large_string(t) else str(t)
 
@@ -122,14 +130,18 @@ def reconcile(cfg: Config, id_type: pa.DataType) -> str | None:
             f"output.path: {repeated} rows of the existing output repeat an id (two runs wrote it at once?); "
             "remove the repeated files, or rerun with output.mode=overwrite"
         )
-    have, listed = set(written.to_pylist()), set(checkpointed.to_pylist())
-    if have == listed:
+    # Arrow's hash sets, not Python's: 10M ids cost their Arrow bytes (~200 MB), not GBs of objects.
+    if len(written) and len(checkpointed):
+        checkpointed = checkpointed.cast(written.type)
+    lost = _count_not_in(pc.unique(checkpointed), written)  # checkpointed, no output row: run again
+    unlisted = _count_not_in(written, checkpointed)  # in the output, not in the checkpoint: done
+    if not lost and not unlisted:
         return None
-    note = (f"checkpoint rebuilt from the output: {len(listed - have)} checkpointed ids had no output row (they run "
-            f"again), {len(have - listed)} output rows were missing from the checkpoint (they do not)")
+    note = (f"checkpoint rebuilt from the output: {lost} checkpointed ids had no output row (they run "
+            f"again), {unlisted} output rows were missing from the checkpoint (they do not)")
     # Write the new list first, then drop the old: a stop in between leaves a superset, which the
     # next start reconciles again.
-    ids = pa.table({id_col: pa.array(sorted(have), written.type if len(written) else id_type)})
+    ids = pa.table({id_col: written.combine_chunks() if len(written) else pa.array([], id_type)})
     ckpt_fs.makedirs(root, exist_ok=True)
     with open_atomic(ckpt_fs, posixpath.join(root, f"reconciled-{uuid.uuid4().hex}.parquet")) as f:
         pq.write_table(ids, f)

@@ -122,6 +122,22 @@ def _read_output(cfg, key: str = "key") -> dict:
     return by_id
 
 
+def _store(request, tmp_path, store: str, folder: str):
+    """(put(name, bytes) under `<prefix>/in/`, prefix, extra config) on local disk or on S3 (moto)."""
+    if store == "s3":
+        url = request.getfixturevalue("s3_endpoint")
+        fs, root = s3_fs(url), f"{BUCKET}/{folder}"
+        return (lambda name, data: fs.pipe(f"{root}/in/{name}", data)), f"s3://{root}", {"storage": s3_storage(url)}
+    return _local_put(tmp_path / "in"), str(tmp_path), {}
+
+
+def _local_put(root):
+    def put(name, data):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return put
+
+
 def _image_folder(put, n: int, bad: bool = True) -> dict[str, bytes]:
     """`n` small real photos under nested folders (and a corrupt JPEG and a stray text file)."""
     names = ["astronaut", "coffee", "rocket", "chelsea"]
@@ -135,11 +151,7 @@ def _image_folder(put, n: int, bad: bool = True) -> dict[str, bytes]:
 
 
 def test_image_ids_are_paths_under_the_folder_glob_or_file(tiny_llava, tmp_path):
-    def put(name, data):
-        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "in" / name).write_bytes(data)
-
-    files = _image_folder(put, 3, bad=False)
+    files = _image_folder(_local_put(tmp_path / "in"), 3, bad=False)
     for path, ids in [(f"{tmp_path}/in", sorted(files)), (f"{tmp_path}/in/sub/*.jpg", ["001.jpg"]),
                       (f"{tmp_path}/in/000.png", ["000.png"])]:
         cfg = load_config({"model": {"name": tiny_llava}, "input": {"path": path}, "output": {"path": str(tmp_path / "out")}})
@@ -151,15 +163,7 @@ def test_image_ids_are_paths_under_the_folder_glob_or_file(tiny_llava, tmp_path)
 @pytest.mark.slow
 @pytest.mark.parametrize("store", ["local", "s3"])
 def test_image_folder_job_ids_are_relative_paths(ray_local, tiny_llava, tmp_path, request, store):
-    if store == "s3":
-        url = request.getfixturevalue("s3_endpoint")
-        fs, root = s3_fs(url), f"{BUCKET}/images-folder"
-        put, prefix, extra = (lambda name, data: fs.pipe(f"{root}/in/{name}", data)), f"s3://{root}", {"storage": s3_storage(url)}
-    else:
-        def put(name, data):
-            (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / "in" / name).write_bytes(data)
-        prefix, extra = str(tmp_path), {}
+    put, prefix, extra = _store(request, tmp_path, store, "images-folder")
     files = _image_folder(put, 4)
     cfg = load_config({"model": {"name": tiny_llava}, "generation": {"max_new_tokens": 4},
                        "input": {"path": f"{prefix}/in/"}, "output": {"path": f"{prefix}/out"},
@@ -173,21 +177,17 @@ def test_image_folder_job_ids_are_relative_paths(ray_local, tiny_llava, tmp_path
     assert run_job(cfg).rows_processed == 0  # the same ids on a rerun
 
 
-@pytest.mark.slow
-def test_image_folder_job_killed_and_rerun_processes_only_the_missing_rows(ray_local, tiny_llava, tmp_path):
+def _killed_and_rerun(tiny_llava, tmp_path, fmt: str, ids: list[str]) -> None:
+    """A job over `tmp_path/in` (40 rows) killed mid-run (SIGKILL of its whole tree), then rerun
+    at once: exactly once, and only the rows the first run did not commit are processed."""
     import yaml
 
     from tests.pipeline.test_resume import _committed_ids, _kill_tree, _start_job, _wait_committed
 
-    def put(name, data):
-        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "in" / name).write_bytes(data)
-
-    files = _image_folder(put, 40, bad=False)
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump({
         "model": {"name": tiny_llava}, "generation": {"max_new_tokens": 16},
-        "input": {"path": str(tmp_path / "in"), "format": "images"},
+        "input": {"path": str(tmp_path / "in"), "format": fmt},
         "output": {"path": str(tmp_path / "out"), "lease_expiry_s": 5, "lease_wait_s": 0},
         "resources": {"rows_per_block": 4, "model_batch_size": 4, "preprocess_batch_size": 4}}))
     cfg = load_config(path)
@@ -199,8 +199,13 @@ def test_image_folder_job_killed_and_rerun_processes_only_the_missing_rows(ray_l
     assert 8 <= len(done) < 40, "the stop should land mid-job"
     summary = run_job(cfg)
     out = _read_output(cfg, "id")
-    assert sorted(out) == sorted(files) and all(r["error"] is None for r in out.values())
+    assert sorted(out) == sorted(ids) and all(r["error"] is None for r in out.values())
     assert summary.rows_processed == 40 - len(done)  # only what was missing
+
+
+@pytest.mark.slow
+def test_image_folder_job_killed_and_rerun_processes_only_the_missing_rows(ray_local, tiny_llava, tmp_path):
+    _killed_and_rerun(tiny_llava, tmp_path, "images", list(_image_folder(_local_put(tmp_path / "in"), 40, bad=False)))
 
 
 TEMPLATE = "The alt text is: {TEXT}. The page is {meta.title}. Write a detailed caption."
@@ -278,13 +283,6 @@ def _shards(put, n_per_shard: int = 2, shards: int = 2, bad: bool = True) -> dic
     return expected
 
 
-def _local_put(root):
-    def put(name, data):
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(data)
-    return put
-
-
 def test_webdataset_ids_are_keys_unique_across_shards_and_columns_are_members(tiny_llava, tmp_path):
     expected = _shards(_local_put(tmp_path / "in"))
     cfg = load_config({"model": {"name": tiny_llava}, "input": {"path": str(tmp_path / "in"), "passthrough": ["txt", "json"]},
@@ -319,12 +317,7 @@ def test_webdataset_job_every_sample_once_bad_members_named(ray_local, tiny_llav
     `txt` and `json` members equals transformers given the formatted prompt."""
     from tests.conftest import reference
 
-    if store == "s3":
-        url = request.getfixturevalue("s3_endpoint")
-        fs, root = s3_fs(url), f"{BUCKET}/webdataset"
-        put, prefix, extra = (lambda name, data: fs.pipe(f"{root}/in/{name}", data)), f"s3://{root}", {"storage": s3_storage(url)}
-    else:
-        put, prefix, extra = _local_put(tmp_path / "in"), str(tmp_path), {}
+    put, prefix, extra = _store(request, tmp_path, store, "webdataset")
     expected = _shards(put)
     template = "The alt text is: {txt}. The page is {json.title}. Write a detailed caption."
     cfg = load_config({"model": {"name": tiny_llava}, "generation": {"max_new_tokens": 4},
@@ -349,25 +342,4 @@ def test_webdataset_job_every_sample_once_bad_members_named(ray_local, tiny_llav
 
 @pytest.mark.slow
 def test_webdataset_job_killed_and_rerun_processes_only_the_missing_rows(ray_local, tiny_llava, tmp_path):
-    import yaml
-
-    from tests.pipeline.test_resume import _committed_ids, _kill_tree, _start_job, _wait_committed
-
-    expected = _shards(_local_put(tmp_path / "in"), n_per_shard=20, shards=2, bad=False)
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"name": tiny_llava}, "generation": {"max_new_tokens": 16},
-        "input": {"path": str(tmp_path / "in"), "format": "webdataset"},
-        "output": {"path": str(tmp_path / "out"), "lease_expiry_s": 5, "lease_wait_s": 0},
-        "resources": {"rows_per_block": 4, "model_batch_size": 4, "preprocess_batch_size": 4}}))
-    cfg = load_config(path)
-    proc = _start_job(path)
-    _wait_committed(cfg, proc, 8)
-    _kill_tree(proc.pid)
-    proc.wait()
-    done = _committed_ids(cfg)
-    assert 8 <= len(done) < 40, "the stop should land mid-job"
-    summary = run_job(cfg)
-    out = _read_output(cfg, "id")
-    assert sorted(out) == sorted(expected) and all(r["error"] is None for r in out.values())
-    assert summary.rows_processed == 40 - len(done)  # only what was missing
+    _killed_and_rerun(tiny_llava, tmp_path, "webdataset", list(_shards(_local_put(tmp_path / "in"), 20, 2, bad=False)))
