@@ -42,3 +42,26 @@ def test_plain_random_initialisation_would_not_see_the_prompt(tmp_path):
     plain = build_tiny_checkpoint(tmp_path / "plain", "llava", attention_gain=1.0, value_gain=1.0)
     prompt_share, _ = sensitivity(answers(str(plain)))
     assert prompt_share < 0.5, prompt_share
+
+
+def test_actors_starting_together_build_the_demo_checkpoint_once(tmp_path):
+    """Three processes ask for the same tiny checkpoint in an empty cache at once (as actors of a
+    fresh job do): all get it, whole (it loads through from_pretrained), and no half-built
+    folder is left. Without the lock, the builds race and the later renames fail."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = "from pipeline.tiny import ensure_tiny; print(ensure_tiny('tiny-llava'))"
+    env = {**os.environ, "LLAVA_RAY_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in results]
+    assert {out.strip() for out, _ in results} == {str(tmp_path / "tiny-llava")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tiny-llava.lock", "tiny-llava"]  # no temporary folder left
+    from transformers import LlavaForConditionalGeneration
+
+    assert LlavaForConditionalGeneration.from_pretrained(tmp_path / "tiny-llava").config.model_type == "llava"
