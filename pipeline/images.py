@@ -12,6 +12,7 @@ import io
 import os
 import stat
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -107,13 +108,17 @@ def _decode_data_uri(uri: str, limits: LimitsConfig) -> bytes:
         raise ImageError("invalid base64 in data: URI") from None
 
 
-def decode_image(data: bytes, limits: LimitsConfig, fits: Fits | None = None) -> Decoded:
-    """Decode and check one image; return it upright (EXIF) in RGB, first frame of animations.
+@dataclass(frozen=True)
+class Header:
+    """What an image's header says, read without decoding a pixel (`llava-ray plan`)."""
 
-    With `fits` (pipeline.pixels), a large photo is decoded reduced as far as `fits` allows,
-    after the checks on its header size: a JPEG at 1/2, 1/4 or 1/8 scale in the DCT (most of the
-    decoding work is skipped), anything else decoded in full and box-reduced by an integer factor.
-    """
+    size: tuple[int, int]  # (height, width) of the upright photo: what the model counts tokens from
+    mode: str
+    format: str | None
+
+
+def _open_checked(data: bytes, limits: LimitsConfig) -> Image.Image:
+    """Open one image as far as its header and check its size against the limits."""
     if not data:
         raise ImageError("empty (0 bytes)")
     try:
@@ -129,6 +134,30 @@ def decode_image(data: bytes, limits: LimitsConfig, fits: Fits | None = None) ->
         raise LimitsError(f"{w}x{h} exceeds limits.max_pixels={limits.max_pixels}")
     if max(w, h) / min(w, h) > limits.max_aspect_ratio:
         raise LimitsError(f"{w}x{h} aspect ratio exceeds limits.max_aspect_ratio={limits.max_aspect_ratio:g}")
+    return img
+
+
+def read_header(data: bytes, limits: LimitsConfig) -> Header:
+    """The checks `decode_image` makes before decoding, and the upright size it would return,
+    from the header alone: what corrupt pixel data would do is known only by decoding it."""
+    img = _open_checked(data, limits)
+    try:
+        img.seek(0)
+        size = _upright(img)
+    except Exception as e:
+        raise _corrupt(img.format, e) from None
+    _check_mode(img.mode)
+    return Header(size, img.mode, img.format)
+
+
+def decode_image(data: bytes, limits: LimitsConfig, fits: Fits | None = None) -> Decoded:
+    """Decode and check one image; return it upright (EXIF) in RGB, first frame of animations.
+
+    With `fits` (pipeline.pixels), a large photo is decoded reduced as far as `fits` allows,
+    after the checks on its header size: a JPEG at 1/2, 1/4 or 1/8 scale in the DCT (most of the
+    decoding work is skipped), anything else decoded in full and box-reduced by an integer factor.
+    """
+    img = _open_checked(data, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette-with-transparency etc. are handled below
@@ -199,11 +228,15 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8))
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in _HIGH_DEPTH and mode not in _CONVERTIBLE:
+        raise ImageError(f"mode {mode} images are not supported; convert them to RGB (or 8/16-bit greyscale)")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
+    _check_mode(img.mode)
     if img.mode in _HIGH_DEPTH:
         img = _to_8bit(img)
-    elif img.mode not in _CONVERTIBLE:
-        raise ImageError(f"mode {img.mode} images are not supported; convert them to RGB (or 8/16-bit greyscale)")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
