@@ -11,6 +11,7 @@ import binascii
 import io
 import os
 import stat
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -143,11 +144,31 @@ def read_header(data: bytes, limits: LimitsConfig) -> Header:
     img = _open_checked(data, limits)
     try:
         img.seek(0)
-        size = _upright(img)
+        if img.format == "PNG" and "exif" not in img.info and not _png_metadata_after_pixels(data):
+            # PIL decodes a PNG to look for an eXIf chunk after its pixels: there is none, so the
+            # metadata read with the header is all getexif() would find (base class: no decode).
+            size = _upright(img, Image.Image.getexif(img))
+        else:
+            size = _upright(img)
     except Exception as e:
         raise _corrupt(img.format, e) from None
     _check_mode(img.mode)
     return Header(size, img.mode, img.format)
+
+
+def _png_metadata_after_pixels(data: bytes) -> bool:
+    """Whether a chunk that can carry EXIF or XMP follows the first IDAT, or the chunks end
+    before IEND (then decoding says what is wrong): the chunk lengths are walked, nothing inflated."""
+    pos, pixels = 8, False
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if kind == b"IEND":
+            return False
+        pixels = pixels or kind == b"IDAT"
+        if pixels and kind in (b"eXIf", b"tEXt", b"zTXt", b"iTXt"):
+            return True
+        pos += 12 + length
+    return True
 
 
 def decode_image(data: bytes, limits: LimitsConfig, fits: Fits | None = None) -> Decoded:
@@ -178,10 +199,11 @@ def decode_image(data: bytes, limits: LimitsConfig, fits: Fits | None = None) ->
         raise _corrupt(img.format, e) from None
 
 
-def _upright(img: Image.Image) -> tuple[int, int]:
+def _upright(img: Image.Image, exif: Image.Exif | None = None) -> tuple[int, int]:
     """(height, width) as shown: EXIF orientations 5-8 store the picture turned a quarter turn."""
     w, h = img.size
-    return (w, h) if img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8) else (h, w)
+    exif = img.getexif() if exif is None else exif
+    return (w, h) if exif.get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8) else (h, w)
 
 
 def _largest(size: tuple[int, int], fits: Fits, factors) -> int:

@@ -9,12 +9,14 @@ it does not predict, and the tests name exactly those rows.
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import load_config
@@ -22,8 +24,8 @@ from pipeline.flops import ModelFlops
 from pipeline.job import run_job
 from pipeline.plan import plan_job, summarize
 from pipeline.stages import GenerateStage, PlanStage, PreprocessStage
-from tests.conftest import cli, encode, read_output
-from tests.photos import encoded
+from tests.conftest import cli, encode, read_output, saved
+from tests.photos import encoded, picture
 from tests.pipeline.test_bad_input import _config as bad_input_config
 from tests.pipeline.test_bad_input import _table as bad_input_table
 from tests.pipeline.test_bad_input import corpus as bad_input_corpus
@@ -201,3 +203,42 @@ def test_cli_plan_prints_the_table_and_writes_json_and_rows(tiny_llava_next, tmp
     assert totals["rows_ok"] == 3 * len(ok)
     assert totals["prompt_tokens"] == 3 * sum(r["prompt_tokens"] for r in ok)
     assert totals["new_tokens"] == 3 * 8 * len(ok)
+
+
+def _exif(orientation: int):
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    return exif
+
+
+def _png_with_exif_chunk(img, orientation: int, after_pixels: bool) -> bytes:
+    """A PNG whose eXIf chunk sits before its pixels, or after them (PIL finds that one only by
+    decoding)."""
+    import struct
+    import zlib
+
+    payload = _exif(orientation).tobytes()
+    chunk = struct.pack(">I", len(payload)) + b"eXIf" + payload + struct.pack(">I", zlib.crc32(b"eXIf" + payload))
+    data = saved(img, "PNG")
+    at = data.index(b"IEND" if after_pixels else b"IDAT") - 4
+    return data[:at] + chunk + data[at:]
+
+
+def test_exif_orientation_turns_the_anyres_count_as_the_job_does(tiny_llava_next, tmp_path):
+    """LLaVA-NeXT counts a 300x900 photo and its quarter turn differently; the header-only read
+    finds the orientation wherever it is (JPEG APP1, PNG eXIf before or after the pixels)."""
+    img = picture("chelsea", 300, 900)
+    images = {"png": saved(img, "PNG"), "png_exif_first": _png_with_exif_chunk(img, 6, False),
+              "png_exif_last": _png_with_exif_chunk(img, 6, True), "jpeg_exif": saved(img, "JPEG", exif=_exif(6))}
+    assert Image.open(io.BytesIO(images["png_exif_last"])).getexif().get(0x0112) == 6
+    table = pa.table({"id": list(images), "image": pa.array(list(images.values()), pa.binary())})
+    cfg = {"model": {"name": tiny_llava_next}, "input": {"path": str(tmp_path / "in.parquet")}}
+    tokens = {}
+    for job, plan in zip(PreprocessStage(cfg)(table).to_pylist(), PlanStage(cfg)(table).to_pylist()):
+        assert job["error"] is None and plan["predicted_error"] is None
+        prompt_tokens = int(np.frombuffer(job["_input_id_runs"], np.int32).sum())
+        assert (plan["image_tokens"], plan["prompt_tokens"]) == (job["_image_tokens"], prompt_tokens), plan["id"]
+        tokens[plan["id"]] = plan["image_tokens"]
+    assert tokens["png"] != tokens["png_exif_first"] == tokens["png_exif_last"] == tokens["jpeg_exif"]
