@@ -161,10 +161,18 @@ def print_plan(config: str, r) -> None:
     f = r.flops
     print(f"{'model FLOPs':<15}{f.total:>16.3e}  = vision {f.vision:.3e} + projector {f.projector:.3e} "
           f"+ prefill {f.prefill:.3e} + decode {f.decode:.3e}")
-    print(f"\n{'GPU':<8}{'bf16 TFLOP/s':>14}{f'GPU-hours at {r.mfu:.0%} MFU':>26}{'hours on ' + str(r.model_actors) + ' GPU(s)':>22}")
+    print(f"\n{'GPU':<8}{'bf16 TFLOP/s':>14}{f'GPU-hours at {r.mfu:.0%} MFU':>26}{f'time on {r.model_actors} GPU(s)':>22}")
     for g in r.gpus:
-        print(f"{g.gpu:<8}{g.peak_tflops:>14,.0f}{g.gpu_hours:>26.4g}{g.hours:>22.4g}")
+        print(f"{g.gpu:<8}{g.peak_tflops:>14,.0f}{g.gpu_hours:>26.4g}{_duration(g.hours):>22}")
     print(f"\nplanned {n(r.rows_planned)} rows in {r.seconds:.1f} s ({r.rows_per_s:,.1f} rows/s)")
+
+
+def _duration(hours: float) -> str:
+    seconds = hours * 3600
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1), ("ms", 1e-3)):
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds * 1e6:.3g} us"
 
 
 def _tiny(args) -> int:
