@@ -13,7 +13,6 @@ import os
 import stat
 import struct
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -109,15 +108,6 @@ def _decode_data_uri(uri: str, limits: LimitsConfig) -> bytes:
         raise ImageError("invalid base64 in data: URI") from None
 
 
-@dataclass(frozen=True)
-class Header:
-    """What an image's header says, read without decoding a pixel (`llava-ray plan`)."""
-
-    size: tuple[int, int]  # (height, width) of the upright photo: what the model counts tokens from
-    mode: str
-    format: str | None
-
-
 def _open_checked(data: bytes, limits: LimitsConfig) -> Image.Image:
     """Open one image as far as its header and check its size against the limits."""
     if not data:
@@ -138,9 +128,10 @@ def _open_checked(data: bytes, limits: LimitsConfig) -> Image.Image:
     return img
 
 
-def read_header(data: bytes, limits: LimitsConfig) -> Header:
-    """The checks `decode_image` makes before decoding, and the upright size it would return,
-    from the header alone: what corrupt pixel data would do is known only by decoding it."""
+def read_header(data: bytes, limits: LimitsConfig) -> tuple[int, int]:
+    """The checks `decode_image` makes before decoding (its mode too), and the upright (height,
+    width) it would return, from the header alone (`llava-ray plan`): what corrupt pixel data
+    would do is known only by decoding it."""
     img = _open_checked(data, limits)
     try:
         img.seek(0)
@@ -153,7 +144,7 @@ def read_header(data: bytes, limits: LimitsConfig) -> Header:
     except Exception as e:
         raise _corrupt(img.format, e) from None
     _check_mode(img.mode)
-    return Header(size, img.mode, img.format)
+    return size
 
 
 def _png_metadata_after_pixels(data: bytes) -> bool:

@@ -18,7 +18,7 @@ import numpy as np
 from .checkpoint import Checkpoint
 from .config import Config
 from .errors import ImageError, InputError, LimitsError, MessagesError, PromptError, PromptTooLong
-from .images import Header, decode_image, load_bytes, read_header
+from .images import decode_image, load_bytes, read_header
 from .pixels import Decoded, pixels_for
 from .records import PreparedRequest, Record, TokenCount
 from .vllm_inputs import encode_for_vllm, expanded_ids
@@ -158,10 +158,9 @@ class Preprocessor:
             return encode_for_vllm(self.checkpoint, request_id, prompt, images, self.pixels)
         return self._encode(request_id, prompt, images)
 
-    def _count(self, request_id: Any, prompt: str, headers: list[Header]) -> TokenCount:
-        """Token ids from the photos' sizes. (vLLM gets some images at a working size, chosen
-        only where it keeps the token count: pipeline/vllm_inputs.py.)"""
-        sizes = [h.size for h in headers]
+    def _count(self, request_id: Any, prompt: str, sizes: list[tuple[int, int]]) -> TokenCount:
+        """Token ids from the photos' upright sizes. (vLLM gets some images at a working size,
+        chosen only where it keeps the token count: pipeline/vllm_inputs.py.)"""
         input_ids, image_tokens = expanded_ids(self.checkpoint, prompt, sizes)
         return TokenCount(request_id, sizes, self.checkpoint.images.tiles(sizes), len(input_ids), image_tokens)
 
