@@ -32,7 +32,7 @@ class ModelFlops:
     vision_layers: int
     vision_width: int
     vision_mlp: int
-    features: int  # per tile into the projector: patches (+ CLS with the 'full' strategy)
+    features: int  # per tile into the projector: the tower's tokens, less the first with 'default'
     projector_in: int  # vision width x the feature layers read
     text_layers: int
     text_width: int
@@ -46,16 +46,17 @@ class ModelFlops:
         """From transformers' LlavaConfig / LlavaNextConfig (Checkpoint.config)."""
         v, t = config.vision_config, config.text_config
         patches = (v.image_size // v.patch_size) ** 2
+        tokens = patches + (v.model_type == "clip_vision_model")  # CLIP's CLS; SigLIP has none
         layer = config.vision_feature_layer
         head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
         return cls(
             patches=patches,
             patch_pixels=3 * v.patch_size**2,
-            vision_tokens=patches + (v.model_type == "clip_vision_model"),
+            vision_tokens=tokens,
             vision_layers=_layers_run(layer, v.num_hidden_layers),
             vision_width=v.hidden_size,
             vision_mlp=v.intermediate_size,
-            features=patches + (config.vision_feature_select_strategy == "full"),
+            features=tokens - (config.vision_feature_select_strategy == "default"),  # 'default' drops the first
             projector_in=v.hidden_size * (len(layer) if isinstance(layer, list) else 1),
             text_layers=t.num_hidden_layers,
             text_width=t.hidden_size,

@@ -157,6 +157,16 @@ def test_flops_of_a_known_config_equal_a_hand_count(tiny_llava):
     assert model.decode(np.array([600]), 16)[0] == hand["decode"]
 
 
+@pytest.mark.parametrize("layout", ["llava-1.5-7b", "llava-interleave-qwen-0.5b"])
+def test_the_projector_runs_on_what_the_processor_counts_as_image_tokens(tmp_path, layout):
+    """CLIP with its CLS dropped ('default'), SigLIP without one, all kept ('full'): the features
+    per tile are the image tokens the checkpoint's processor expands one image to."""
+    from pipeline.tiny import build_tiny_checkpoint
+
+    checkpoint = Checkpoint.load(load_config({"model": {"name": str(build_tiny_checkpoint(tmp_path / layout, layout))}}).model)
+    assert ModelFlops.read(checkpoint.config).features == checkpoint.images.tokens([(300, 400)])[0] == {"llava-1.5-7b": 576}.get(layout, 729)
+
+
 def test_a_sample_is_scaled_up_and_says_so(tiny_llava):
     """summarize over a sample of 4 rows of a 1000-row input: every total x250."""
     cfg = load_config({"model": {"name": tiny_llava}, "generation": {"max_new_tokens": 16}, "input": {"path": "in.parquet"}})
