@@ -37,6 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.config import PlanConfig  # noqa: E402
 from pipeline.families import family_spec  # noqa: E402
 from pipeline.layouts import CLIP_336, NEXT_PINPOINTS, layout  # noqa: E402
 
@@ -56,7 +57,7 @@ SIZES = [(640, 480), (1024, 768), (1280, 960), (2000, 1500), (768, 1024), (1500,
          (300, 900), (800, 800)]  # (width, height)
 PROMPTS = ["Describe this image in one sentence.", "What is shown in this picture?", "List the objects you can see.",
            "What colours dominate this image?", "Is there a person in this image? Explain."]
-PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16 FLOP/s, SXM
+PEAK_BF16 = {gpu: tflops * 1e12 for gpu, tflops in PlanConfig().gpus.items()}  # dense bf16 FLOP/s (`plan.gpus`)
 
 
 # -- the model directory: config, tokenizer and processor of the real architecture, no weights --

@@ -30,7 +30,6 @@ images/s of 24-image rounds, with the process's CPU seconds per wall second (how
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import os
@@ -49,7 +48,7 @@ from PIL import Image, ImageOps  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 
-from report import write_report  # noqa: E402  (benchmarks/report.py, beside this script)
+from report import rounds_args, write_report  # noqa: E402  (benchmarks/report.py, beside this script)
 
 logger = logging.getLogger("benchmarks.preprocess")
 
@@ -214,13 +213,7 @@ def markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=7, help="rounds per figure; the median counts")
-    p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "preprocess.json"))
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    rounds = 2 if args.quick else args.rounds
+    args, rounds = rounds_args(__doc__, argv, 7, ROOT / "benchmarks" / "results" / "preprocess.json")
 
     import torch
     import transformers as tf

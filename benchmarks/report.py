@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
@@ -17,3 +18,15 @@ def write_report(report: dict, out: str | Path, markdown: Callable[[dict], str])
     Path(out).write_text(text + "\n")
     logger.info("wrote %s\n\n%s\n", out, markdown(report))
     return report
+
+
+def rounds_args(doc: str, argv: list[str] | None, rounds: int, out: Path) -> tuple[argparse.Namespace, int]:
+    """The command line of a benchmark measured in rounds (--rounds, --quick, --out), logging set
+    up; returns the arguments and the rounds to run."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=rounds, help="rounds per figure; the median counts")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 rounds")
+    p.add_argument("--out", default=str(out))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    return args, 2 if args.quick else args.rounds

@@ -1,10 +1,11 @@
-"""`llava-ray run|serve|demo|tiny-model|check-config`: the user-facing output lives here."""
+"""`llava-ray run|plan|serve|demo|tiny-model|check-config`: the user-facing output lives here."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from .config import Config, load_config
 from .errors import ERROR_KINDS, ConfigError, JobError
@@ -31,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
                      help=f"re-run rows whose output has an error; or only these error kinds, e.g. fetch,engine ({', '.join(ERROR_KINDS)})")
     with_config("serve", "serve the OpenAI-compatible endpoint on local Ray")
     with_config("check-config", "validate a config (and this machine) without running")
+    plan = with_config("plan", "what a job will cost and which rows will fail, from image headers, without the model")
+    plan.add_argument("--sample", type=int, metavar="N", help="plan a uniform sample of N rows and scale the totals up")
+    plan.add_argument("--json", metavar="PATH", help="write the totals as JSON")
+    plan.add_argument("--rows", metavar="PATH", help="write each row's counts and predicted error as Parquet")
+    plan.add_argument("--mfu", type=float, metavar="F", help="model FLOPs utilisation the GPU times assume (plan.mfu)")
     demo = sub.add_parser("demo", help="tiny model + real photos, end to end on local Ray")
     demo.add_argument("--config", default="configs/demo.yaml")
     tiny = sub.add_parser("tiny-model", help="build a tiny random LLaVA / LLaVA-NeXT checkpoint")
@@ -118,6 +124,57 @@ def _check(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from .plan import plan_job, write_rows
+
+    overrides = args.set + ([f"plan.mfu={args.mfu}"] if args.mfu is not None else [])
+    cfg = load_config(args.config, overrides)
+    report, per_row = plan_job(cfg, args.sample)
+    print_plan(args.config, report)
+    if args.json:
+        Path(args.json).write_text(report.model_dump_json(indent=2) + "\n")
+        print(f"totals: {args.json}")
+    if args.rows:
+        write_rows(per_row, args.rows, cfg)
+        print(f"rows: {args.rows}")
+    return 0
+
+
+def print_plan(config: str, r) -> None:
+    n = lambda x: f"{x:,}"  # noqa: E731
+    print(f"plan of {config}: model {r.model} ({r.family}, backend {r.backend})")
+    if r.sampled:
+        print(f"SAMPLE: {n(r.rows_planned)} of {n(r.rows)} rows, drawn uniformly; every total below is scaled x{r.scale:,.4g}")
+    print(f"{'rows':<15}{n(r.rows):>16}")
+    print(f"{'  will run':<15}{n(r.rows_ok):>16}")
+    failed = ", ".join(f"{k} {n(v)}" for k, v in r.failed_by_kind.items())
+    print(f"{'  will fail':<15}{n(r.rows_failed):>16}" + (f"  ({failed})" if failed else ""))
+    print(f"{'images':<15}{n(r.images):>16}  ({n(r.tiles)} tiles through the vision tower)")
+    print(f"{'prompt tokens':<15}{n(r.prompt_tokens):>16}  = image {n(r.image_tokens)} + text {n(r.text_tokens)}")
+    print(f"{'new tokens':<15}{n(r.new_tokens):>16}  at most: generation.max_new_tokens {r.max_new_tokens} x {n(r.rows_ok)} rows")
+    if r.largest_row:
+        big, needs = r.largest_row, r.needs
+        print(f"{'largest row':<15}{big.id!r:>16}  {n(big.prompt_tokens)} prompt tokens ({n(big.image_tokens)} for {big.images} image(s))")
+        fits = "fits" if needs.fits_model else "does NOT fit"
+        print(f"{'needs':<15}{'':>16}  vllm.max_model_len >= {n(needs.max_model_len)} ({fits} the model's context); "
+              f"vllm.limit_mm_per_prompt and limits.max_images_per_row >= {needs.max_images_per_row}")
+    f = r.flops
+    print(f"{'model FLOPs':<15}{f.total:>16.3e}  = vision {f.vision:.3e} + projector {f.projector:.3e} "
+          f"+ prefill {f.prefill:.3e} + decode {f.decode:.3e}")
+    print(f"\n{'GPU':<8}{'bf16 TFLOP/s':>14}{f'GPU-hours at {r.mfu:.0%} MFU':>26}{f'time on {r.model_actors} GPU(s)':>22}")
+    for g in r.gpus:
+        print(f"{g.gpu:<8}{g.peak_tflops:>14,.0f}{g.gpu_hours:>26.4g}{_duration(g.hours):>22}")
+    print(f"\nplanned {n(r.rows_planned)} rows in {r.seconds:.1f} s ({r.rows_per_s:,.1f} rows/s)")
+
+
+def _duration(hours: float) -> str:
+    seconds = hours * 3600
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1), ("ms", 1e-3)):
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds * 1e6:.3g} us"
+
+
 def _tiny(args) -> int:
     from .tiny import build_tiny_checkpoint
 
@@ -126,7 +183,7 @@ def _tiny(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "serve": _serve, "demo": _demo, "tiny-model": _tiny, "check-config": _check}
+COMMANDS = {"run": _run, "serve": _serve, "demo": _demo, "tiny-model": _tiny, "check-config": _check, "plan": _plan}
 
 
 def main(argv: list[str] | None = None) -> int:

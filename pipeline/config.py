@@ -253,6 +253,18 @@ class ObservabilityConfig(_Strict):
     progress_interval_s: float = Field(default=30.0, gt=0)
 
 
+class PlanConfig(_Strict):
+    """`llava-ray plan` (README, "Plan a job before running it"): the GPUs its times are for."""
+
+    # Model FLOPs utilisation the times assume: the share of the peak the model's own FLOPs reach
+    # (`plan --mfu`). 40% is what a well-batched prefill-heavy vLLM run reaches on one GPU.
+    mfu: float = Field(default=0.40, gt=0, le=1)
+    # Dense (no 2:4 sparsity) bf16 tensor-core peak, TFLOP/s, from NVIDIA's datasheets (A10G: the
+    # A10's, same GA102 tensor rate; A100 and H100/H200: the SXM parts).
+    gpus: dict[str, float] = Field(default_factory=lambda: {"A10G": 125.0, "L4": 121.0, "A100": 312.0, "H100": 989.0, "H200": 989.0})
+    seed: int = 0  # the draw of `plan --sample`
+
+
 class AutoscalingConfig(_Strict):
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=1, ge=1)
@@ -321,6 +333,7 @@ class Config(_Strict):
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
 
     def without_secrets(self) -> "Config":
         """This config with every secret setting unset: what Ray actors and replicas are given."""

@@ -104,6 +104,15 @@ class ImageFacts:
         base = self.extra_tokens - int(getattr(self._processor, "num_additional_image_tokens", 0) or 0)
         return [self._processor._get_number_of_features(h, w, th, tw) + base for h, w in sizes]
 
+    def tiles(self, sizes: list[Size]) -> list[int]:
+        """Tiles the vision tower runs per image: one for LLaVA; for AnyRes the base tile and the
+        grid of the best pinpoint resolution, as the processor cuts them."""
+        if not self.anyres:
+            return [1] * len(sizes)
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        return [image_size_to_num_patches(s, [list(p) for p in self.pinpoints], self.tile[0]) for s in sizes]
+
     @property
     def max_tokens(self) -> int:
         """The most tokens one image can take: a NeXT image the shape of its largest pinpoint

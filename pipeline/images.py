@@ -11,6 +11,7 @@ import binascii
 import io
 import os
 import stat
+import struct
 import warnings
 
 import numpy as np
@@ -107,13 +108,8 @@ def _decode_data_uri(uri: str, limits: LimitsConfig) -> bytes:
         raise ImageError("invalid base64 in data: URI") from None
 
 
-def decode_image(data: bytes, limits: LimitsConfig, fits: Fits | None = None) -> Decoded:
-    """Decode and check one image; return it upright (EXIF) in RGB, first frame of animations.
-
-    With `fits` (pipeline.pixels), a large photo is decoded reduced as far as `fits` allows,
-    after the checks on its header size: a JPEG at 1/2, 1/4 or 1/8 scale in the DCT (most of the
-    decoding work is skipped), anything else decoded in full and box-reduced by an integer factor.
-    """
+def _open_checked(data: bytes, limits: LimitsConfig) -> Image.Image:
+    """Open one image as far as its header and check its size against the limits."""
     if not data:
         raise ImageError("empty (0 bytes)")
     try:
@@ -129,6 +125,51 @@ def decode_image(data: bytes, limits: LimitsConfig, fits: Fits | None = None) ->
         raise LimitsError(f"{w}x{h} exceeds limits.max_pixels={limits.max_pixels}")
     if max(w, h) / min(w, h) > limits.max_aspect_ratio:
         raise LimitsError(f"{w}x{h} aspect ratio exceeds limits.max_aspect_ratio={limits.max_aspect_ratio:g}")
+    return img
+
+
+def read_header(data: bytes, limits: LimitsConfig) -> tuple[int, int]:
+    """The checks `decode_image` makes before decoding (its mode too), and the upright (height,
+    width) it would return, from the header alone (`llava-ray plan`): what corrupt pixel data
+    would do is known only by decoding it."""
+    img = _open_checked(data, limits)
+    try:
+        img.seek(0)
+        if img.format == "PNG" and "exif" not in img.info and not _png_metadata_after_pixels(data):
+            # PIL decodes a PNG to look for an eXIf chunk after its pixels: there is none, so the
+            # metadata read with the header is all getexif() would find (base class: no decode).
+            size = _upright(img, Image.Image.getexif(img))
+        else:
+            size = _upright(img)
+    except Exception as e:
+        raise _corrupt(img.format, e) from None
+    _check_mode(img.mode)
+    return size
+
+
+def _png_metadata_after_pixels(data: bytes) -> bool:
+    """Whether a chunk that can carry EXIF or XMP follows the first IDAT, or the chunks end
+    before IEND (then decoding says what is wrong): the chunk lengths are walked, nothing inflated."""
+    pos, pixels = 8, False
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if kind == b"IEND":
+            return False
+        pixels = pixels or kind == b"IDAT"
+        if pixels and kind in (b"eXIf", b"tEXt", b"zTXt", b"iTXt"):
+            return True
+        pos += 12 + length
+    return True
+
+
+def decode_image(data: bytes, limits: LimitsConfig, fits: Fits | None = None) -> Decoded:
+    """Decode and check one image; return it upright (EXIF) in RGB, first frame of animations.
+
+    With `fits` (pipeline.pixels), a large photo is decoded reduced as far as `fits` allows,
+    after the checks on its header size: a JPEG at 1/2, 1/4 or 1/8 scale in the DCT (most of the
+    decoding work is skipped), anything else decoded in full and box-reduced by an integer factor.
+    """
+    img = _open_checked(data, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette-with-transparency etc. are handled below
@@ -149,10 +190,11 @@ def decode_image(data: bytes, limits: LimitsConfig, fits: Fits | None = None) ->
         raise _corrupt(img.format, e) from None
 
 
-def _upright(img: Image.Image) -> tuple[int, int]:
+def _upright(img: Image.Image, exif: Image.Exif | None = None) -> tuple[int, int]:
     """(height, width) as shown: EXIF orientations 5-8 store the picture turned a quarter turn."""
     w, h = img.size
-    return (w, h) if img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8) else (h, w)
+    exif = img.getexif() if exif is None else exif
+    return (w, h) if exif.get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8) else (h, w)
 
 
 def _largest(size: tuple[int, int], fits: Fits, factors) -> int:
@@ -199,11 +241,15 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8))
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in _HIGH_DEPTH and mode not in _CONVERTIBLE:
+        raise ImageError(f"mode {mode} images are not supported; convert them to RGB (or 8/16-bit greyscale)")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
+    _check_mode(img.mode)
     if img.mode in _HIGH_DEPTH:
         img = _to_8bit(img)
-    elif img.mode not in _CONVERTIBLE:
-        raise ImageError(f"mode {img.mode} images are not supported; convert them to RGB (or 8/16-bit greyscale)")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

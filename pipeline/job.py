@@ -15,15 +15,7 @@ from .checks import check_environment
 from .cluster import METRICS_REPORT_S, init_ray
 from .config import Config
 from .errors import JobError
-from .stages import (
-    DropRepeatedIds,
-    PreprocessStage,
-    drop_repeated_kwargs,
-    generate_kwargs,
-    generate_stage,
-    object_store_budget,
-    preprocess_kwargs,
-)
+from .stages import PreprocessStage, generate_kwargs, generate_stage, input_rows, object_store_budget, preprocess_kwargs
 from .inputs import InputPlan, check_ids_on_cluster, inspect_input
 from .lease import Lease
 from .outputs import check_no_overlap, check_writable
@@ -53,11 +45,7 @@ class JobSummary(BaseModel):
 
 
 def build_dataset(cfg: Config, plan: InputPlan):
-    ds = plan.reader.dataset(plan.columns, plan.schema)
-    if plan.repeated_ids:
-        ds = ds.map_batches(DropRepeatedIds, **drop_repeated_kwargs(cfg, plan.repeated_ids))
-    # Small blocks bound what a stop loses: output and checkpoints are committed per block.
-    ds = ds.repartition(target_num_rows_per_block=cfg.resources.rows_per_block)
+    ds = input_rows(cfg, plan.reader.dataset(plan.columns, plan.schema), plan.repeated_ids)
     ds = ds.map_batches(PreprocessStage, **preprocess_kwargs(cfg))
     return ds.map_batches(generate_stage(cfg), **generate_kwargs(cfg))
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from .checkpoint import Checkpoint
 from .config import Config
 from .errors import ImageError, InputError, LimitsError, MessagesError, PromptError, PromptTooLong
-from .images import decode_image, load_bytes
+from .images import decode_image, load_bytes, read_header
 from .pixels import Decoded, pixels_for
-from .records import PreparedRequest, Record
+from .records import PreparedRequest, Record, TokenCount
 from .vllm_inputs import encode_for_vllm, expanded_ids
 
 
@@ -109,6 +109,20 @@ class Preprocessor:
 
     def prepare(self, record: Record, max_new_tokens: int | None = None) -> PreparedRequest:
         """Raise a RowError (ImageError, MessagesError, PromptError; message = the row's error)."""
+        fits = self.pixels.fits if self.pixels else None
+        request = self._through(record, lambda data: decode_image(data, self.cfg.limits, fits), self._request)
+        self.check_length(request, max_new_tokens)
+        return request
+
+    def count(self, record: Record) -> TokenCount:
+        """What `prepare` would give the model, from the images' headers alone (`llava-ray plan`):
+        the same checks, template and token ids, no pixel decoded. The length check is left to
+        `check_length`, so a row over the context still has its count."""
+        return self._through(record, lambda data: read_header(data, self.cfg.limits), self._count)
+
+    def _through(self, record: Record, open_image: Callable[[bytes], Any], encode: Callable[[Any, str, list], Any]):
+        """The one path of `prepare` and `count`: conversation and its checks, image bytes,
+        each image opened (`open_image`: decoded, or its header), the chat template, `encode`."""
         cfg = self.cfg
         messages, sources = build_conversation(record, cfg.prompt.system, cfg.prompt.default)
         texts = [p["text"] for m in messages for p in m["content"] if p["type"] == "text"]
@@ -129,8 +143,7 @@ class Preprocessor:
             )
         encoded = [load_bytes(s, cfg.limits, cfg.fetch, cfg.storage, local_ok=self.local_ok) for s in sources]
         with self.cpu:
-            fits = self.pixels.fits if self.pixels else None
-            images = [decode_image(data, cfg.limits, fits) for data in encoded]
+            images = [open_image(data) for data in encoded]
             try:
                 prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             except Exception as e:  # the template's own raise_exception (e.g. an unsupported role order)
@@ -138,12 +151,18 @@ class Preprocessor:
             placeholder = self.processor.image_token
             if prompt.count(placeholder) != len(images):  # the text itself holds the placeholder
                 raise PromptError(f"the text must not contain the image placeholder {placeholder!r}")
-            if cfg.backend == "vllm":
-                request = encode_for_vllm(self.checkpoint, record.id, prompt, images, self.pixels)
-            else:
-                request = self._encode(record.id, prompt, images)
-        self._check_length(request, max_new_tokens or cfg.generation.max_new_tokens)
-        return request
+            return encode(record.id, prompt, images)
+
+    def _request(self, request_id: Any, prompt: str, images: list[Decoded]) -> PreparedRequest:
+        if self.cfg.backend == "vllm":
+            return encode_for_vllm(self.checkpoint, request_id, prompt, images, self.pixels)
+        return self._encode(request_id, prompt, images)
+
+    def _count(self, request_id: Any, prompt: str, sizes: list[tuple[int, int]]) -> TokenCount:
+        """Token ids from the photos' upright sizes. (vLLM gets some images at a working size,
+        chosen only where it keeps the token count: pipeline/vllm_inputs.py.)"""
+        input_ids, image_tokens = expanded_ids(self.checkpoint, prompt, sizes)
+        return TokenCount(request_id, sizes, self.checkpoint.images.tiles(sizes), len(input_ids), image_tokens)
 
     def _encode(self, request_id: Any, prompt: str, images: list[Decoded]) -> PreparedRequest:
         sizes = [d.size for d in images]  # of the photos: the model unpads AnyRes features by them
@@ -171,13 +190,12 @@ class Preprocessor:
         if pixels.ndim == 4:  # [n_images, 3, H, W]
             return [p[None] for p in pixels]
         # AnyRes: [n_images, max_tiles, 3, H, W], padded to the row's max
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        facts = self.checkpoint.images
-        counts = [image_size_to_num_patches(d.size, [list(p) for p in facts.pinpoints], facts.tile[0]) for d in images]
+        counts = self.checkpoint.images.tiles([d.size for d in images])
         return [pixels[i, :n] for i, n in enumerate(counts)]
 
-    def _check_length(self, request: PreparedRequest, max_new_tokens: int) -> None:
+    def check_length(self, request: PreparedRequest | TokenCount, max_new_tokens: int | None = None) -> None:
+        """PromptTooLong when the prompt and `max_new_tokens` (generation's by default) cannot fit."""
+        max_new_tokens = max_new_tokens or self.cfg.generation.max_new_tokens
         n = request.prompt_tokens
         limit = self.cfg.limits.max_prompt_tokens
         if limit is not None and n > limit:

@@ -106,6 +106,17 @@ class PreparedRequest:
 
 
 @dataclass
+class TokenCount:
+    """What the model would be given for one row, counted from image headers (`llava-ray plan`)."""
+
+    id: Any
+    image_sizes: list[tuple[int, int]]  # (height, width) of the upright photos
+    tiles_per_image: list[int]  # what the vision tower runs on: 1, or AnyRes's base tile + grid
+    prompt_tokens: int  # image tokens expanded, as in PreparedRequest.input_ids
+    image_tokens: int
+
+
+@dataclass
 class Result:
     id: Any
     text: str | None

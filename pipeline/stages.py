@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pydantic import ValidationError
 
@@ -21,7 +22,7 @@ from .checkpoint import Checkpoint
 from .config import Config
 from .engines import engine_class, make_engine
 from .engines.base import is_async, release
-from .errors import EngineDead, InputError, RowError, describe_validation_error
+from .errors import EngineDead, InputError, PromptTooLong, RowError, describe_validation_error
 from .metrics import IMAGES, STAGE_SECONDS, metric
 from .preprocess import Preprocessor
 from .records import PreparedRequest, Record, Result
@@ -123,32 +124,90 @@ class PreprocessStage:
         self.pre = Preprocessor(self.cfg, Checkpoint.load(self.cfg.model), threads=cpus)
         self.pool = ThreadPoolExecutor(max(self.cfg.fetch.concurrency, cpus), thread_name_prefix="prepare")
 
-    def _prepare(self, row: dict[str, Any] | str) -> dict[str, Any]:
+    def _outcome(self, row: dict[str, Any] | str, work: Callable[[Record], Any]) -> tuple[Any, RowError | None]:
+        """`work` on one input row's Record: (its value, None), or (None, the row's error)."""
         try:
             if isinstance(row, str):  # the row could not even be read (see python_rows)
                 raise InputError(row)
-            return prepared_to_row(self.pre.prepare(Record.from_row(row, self.cfg.input.columns, self.cfg.prompt.template)))
+            return work(Record.from_row(row, self.cfg.input.columns, self.cfg.prompt.template)), None
         except RowError as e:  # the row's own fault, already naming its stage and cause
-            error = e
+            return None, e
         except ValidationError as e:  # a column value of the wrong type for a Record
             loc, message = describe_validation_error(e)
-            error = InputError(f"{loc}: {message}")
+            return None, InputError(f"{loc}: {message}")
         except Exception as e:  # anything else is still this row's error, never the batch's
             logger.exception("preprocessing a row failed")
-            error = InputError(f"unexpected {type(e).__name__}: {e}")
-        return {f.name: None for f in PREPARED_FIELDS} | {"error": " ".join(str(error).split("\n")), "error_kind": error.kind}
+            return None, InputError(f"unexpected {type(e).__name__}: {e}")
+
+    def _prepare(self, row: dict[str, Any] | str) -> dict[str, Any]:
+        request, error = self._outcome(row, self.pre.prepare)
+        if error is not None:
+            return {f.name: None for f in PREPARED_FIELDS} | {"error": one_line(error), "error_kind": error.kind}
+        return prepared_to_row(request)
+
+    def _rows(self, batch: pa.Table) -> list[dict[str, Any] | str]:
+        """The columns the Preprocessor reads, as Python values."""
+        c = self.cfg.input.columns
+        wanted = [c.image, c.image_path, c.prompt, c.messages, *self.cfg.prompt.template_columns()]
+        return python_rows(batch, [n for n in dict.fromkeys(wanted) if n in batch.schema.names])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
-        c = self.cfg.input.columns
-        wanted = [c.image, c.image_path, c.prompt, c.messages, *self.cfg.prompt.template_columns()]
-        read = [n for n in dict.fromkeys(wanted) if n in batch.schema.names]
-        prepared = list(self.pool.map(self._prepare, python_rows(batch, read)))
+        prepared = list(self.pool.map(self._prepare, self._rows(batch)))
         images = sum(len(p["_image_sizes"] or ()) // 2 for p in prepared)
         if images:
             metric(IMAGES).inc(images)
         metric(STAGE_SECONDS).observe(time.perf_counter() - start, tags={"stage": "preprocess"})
         return with_columns(batch.select(_keep(self.cfg)), pa.Table.from_pylist(prepared, schema=pa.schema(PREPARED_FIELDS)))
+
+
+def one_line(error: RowError) -> str:
+    """A row's `error` text: one line."""
+    return " ".join(str(error).split("\n"))
+
+
+PLAN_FIELDS = [
+    pa.field("images", pa.int32()),
+    pa.field("image_tokens", pa.int32()),
+    pa.field("prompt_tokens", pa.int32()),
+    pa.field("tiles", pa.int32()),  # what the vision tower runs on (1 per LLaVA image)
+    pa.field("predicted_error", pa.string()),
+    pa.field("predicted_error_kind", pa.string()),
+]
+
+
+class PlanStage(PreprocessStage):
+    """CPU actor of `llava-ray plan`: input rows -> each row's counts and the error the job
+    would give it, through `Preprocessor.count` (the same path as `prepare`, image headers
+    only). `sample`: the ids to plan; the other rows are dropped here."""
+
+    def __init__(self, config: dict, storage_secrets=None, sample: list | None = None):
+        super().__init__(config, storage_secrets)
+        self.sample = None if sample is None else pa.array(sample)
+
+    def _plan(self, row: dict[str, Any] | str) -> dict[str, Any]:
+        count, error = self._outcome(row, self.pre.count)
+        if count is not None:
+            try:
+                self.pre.check_length(count)
+            except PromptTooLong as e:  # counted, but over the context: the row keeps its count
+                error = e
+        return {
+            "images": len(count.image_sizes) if count else None,
+            "image_tokens": count.image_tokens if count else None,
+            "prompt_tokens": count.prompt_tokens if count else None,
+            "tiles": sum(count.tiles_per_image) if count else None,
+            "predicted_error": one_line(error) if error else None,
+            "predicted_error_kind": error.kind if error else None,
+        }
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.sample is not None:
+            ids = batch.column(self.cfg.input.columns.id)
+            batch = batch.filter(pc.is_in(ids, value_set=self.sample.cast(ids.type)))
+        planned = list(self.pool.map(self._plan, self._rows(batch)))
+        ids = batch.select([self.cfg.input.columns.id])
+        return with_columns(ids, pa.Table.from_pylist(planned, schema=pa.schema(PLAN_FIELDS)))
 
 
 def python_rows(batch: pa.Table, columns: list[str]) -> list[dict[str, Any] | str]:
@@ -275,13 +334,14 @@ def _pool(actors: int):
     return ActorPoolStrategy(size=actors)
 
 
-def drop_repeated_kwargs(cfg: Config, repeated: list) -> dict[str, Any]:
-    return dict(
-        fn_constructor_kwargs={"id_column": cfg.input.columns.id, "repeated": repeated},
-        batch_format="pyarrow",
-        compute=_pool(1),
-        num_cpus=0.1,
-    )
+def input_rows(cfg: Config, ds, repeated: list):
+    """The input's Dataset as the CPU stage takes it (the job's and the plan's): rows that repeat
+    an id dropped (input.duplicate_ids: keep_first; the caller preserves order), and small blocks,
+    which bound what a stop loses (output and checkpoints are committed per block)."""
+    if repeated:
+        ds = ds.map_batches(DropRepeatedIds, fn_constructor_kwargs={"id_column": cfg.input.columns.id, "repeated": repeated},
+                            batch_format="pyarrow", compute=_pool(1), num_cpus=0.1)
+    return ds.repartition(target_num_rows_per_block=cfg.resources.rows_per_block)
 
 
 # Actor restarts and task retries: Ray Data's defaults (restart forever, retry tasks) are what a
@@ -323,12 +383,13 @@ def object_store_budget(cfg: Config, limits):
     return limits.copy(object_store_memory=per_actor * cfg.resources.model_actors * 1024**2)
 
 
-def preprocess_kwargs(cfg: Config) -> dict[str, Any]:
-    """Only this stage reads with the storage credentials (s3:// images); the model stage has no
-    use for any secret."""
+def preprocess_kwargs(cfg: Config, **extra) -> dict[str, Any]:
+    """Only this stage (and the plan's, `extra`: its sample) reads with the storage credentials
+    (s3:// images); the model stage has no use for any secret."""
     r = cfg.resources
     return _actor_pool_kwargs(cfg, r.preprocess_batch_size, r.preprocess_actors, r.preprocess_cpus, 0,
-                              r.preprocess_resources, storage_secrets=_by_reference(cfg.secrets().get("storage")))
+                              r.preprocess_resources, storage_secrets=_by_reference(cfg.secrets().get("storage")),
+                              **extra)
 
 
 def generate_stage(cfg: Config) -> type[GenerateStage]:

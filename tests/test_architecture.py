@@ -101,12 +101,12 @@ def test_code_points_to_nothing_outside_the_repository():
 LAYERS = {
     "pipeline.errors": 0,
     "pipeline.config": 1, "pipeline.families": 1, "pipeline.metrics": 1, "pipeline.layouts": 1, "pipeline.image_facts": 1,
-    "pipeline.storage": 2, "pipeline.fetch": 2, "pipeline.tiny": 2, "pipeline.cluster": 2, "pipeline.pixels": 2,
+    "pipeline.storage": 2, "pipeline.fetch": 2, "pipeline.flops": 2, "pipeline.tiny": 2, "pipeline.cluster": 2, "pipeline.pixels": 2,
     "pipeline.checkpoint": 3, "pipeline.images": 3, "pipeline.records": 3, "pipeline.lease": 3, "pipeline.progress": 3, "pipeline.manifest": 4,
     "pipeline.vllm_inputs": 4, "pipeline.engines": 4,
     "pipeline.preprocess": 5, "pipeline.checks": 5,
     "pipeline.stages": 6, "pipeline.resume": 6, "pipeline.readers": 6,
-    "pipeline.job": 8, "pipeline.demo": 7, "pipeline.inputs": 7, "pipeline.outputs": 7,
+    "pipeline.job": 8, "pipeline.plan": 8, "pipeline.demo": 7, "pipeline.inputs": 7, "pipeline.outputs": 7,
     "pipeline.cli": 9, "pipeline.__main__": 10,
     "deployments": 6,  # the endpoint: pipeline layers 0-5 below it
     "deployments.app": 10,  # imported by the CLI only
