@@ -18,11 +18,13 @@ from typing import Any, AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import Config
+from pipeline.errors import Overloaded
 from pipeline.metrics import REQUEST_SECONDS, REQUESTS, TIME_PER_OUTPUT_TOKEN, TIME_TO_FIRST_TOKEN, metric
 from pipeline.preprocess import Preprocessor
 from pipeline.records import PreparedRequest, Result
@@ -51,7 +53,9 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return APIError(exc.status_code, str(exc.detail), code=None).response()
 
 
-def _sse(payload: dict[str, Any] | str) -> str:
+def _sse(payload: BaseModel | dict[str, Any] | str) -> str:
+    if isinstance(payload, BaseModel):
+        payload = payload.model_dump_json()
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
@@ -87,7 +91,7 @@ async def sse_events(request_id: str, model: str, first, deltas, include_usage: 
 
     def chunk(delta: Delta, finish_reason: str | None = None) -> str:
         choice = ChunkChoice(delta=delta, finish_reason=finish_reason)
-        return _sse(ChatCompletionChunk(id=request_id, model=model, choices=[choice]).model_dump())
+        return _sse(ChatCompletionChunk(id=request_id, model=model, choices=[choice]))
 
     result = None
     try:
@@ -104,7 +108,7 @@ async def sse_events(request_id: str, model: str, first, deltas, include_usage: 
         yield chunk(Delta(), result.finish_reason)
         if include_usage:
             usage = ChatCompletionChunk(id=request_id, model=model, choices=[], usage=Usage.of(result))
-            yield _sse(usage.model_dump())
+            yield _sse(usage)
     except Exception as e:
         yield _sse(to_api_error(e).body())
     finally:
@@ -136,6 +140,7 @@ class LlavaIngressServer:
         self.served_name = cfg.serve.served_model_name or cfg.model.name
         self.api_key_sha256 = api_key_sha256 or key_digest(cfg.serve.resolved_api_key())
         self.preprocessor = Preprocessor(cfg, Checkpoint.load(cfg.model), local_ok=False)
+        self.admission_bound, self.in_flight = cfg.serve.admission_bound(), 0
         # Decoding blocks, and http(s) fetches block for up to fetch.timeout_s: both run off the
         # event loop, on two pools, so requests with inline (data:) images never queue behind
         # slow fetches.
@@ -214,6 +219,18 @@ class LlavaIngressServer:
             raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
 
     async def chat(self, request: Request, timing: Timing) -> Response:
+        """Refused at once past the admission bound, before the body is read or prepared. A
+        stream counts until its headers are sent; after that the model handle's queue bound
+        (Serve's backpressure, the same 503) holds."""
+        if self.admission_bound is not None and self.in_flight >= self.admission_bound:
+            raise Overloaded(f"{self.in_flight} requests in flight (serve.max_queued_requests)")
+        self.in_flight += 1
+        try:
+            return await self._chat(request, timing)
+        finally:
+            self.in_flight -= 1
+
+    async def _chat(self, request: Request, timing: Timing) -> Response:
         req = ChatCompletionRequest.model_validate(await self._read_json(request))
         self._check_model(req.model)
         sampling = req.to_generation(self.cfg.generation)
@@ -228,7 +245,7 @@ class LlavaIngressServer:
         result: Result = await self.model.generate.remote(prepared, sampling)
         if result.error:
             raise APIError(500, result.error, type="server_error")
-        return JSONResponse(ChatCompletion.of(request_id, self.served_name, result).model_dump())
+        return Response(ChatCompletion.of(request_id, self.served_name, result).model_dump_json(), media_type="application/json")
 
     async def _stream(self, request_id: str, prepared: PreparedRequest, sampling, include_usage: bool, timing: Timing) -> Response:
         deltas = self.model.options(stream=True).stream.remote(prepared, sampling)
