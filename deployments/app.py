@@ -43,6 +43,14 @@ def ingress_max_ongoing(s: ServeConfig) -> int:
     return 2 * bound
 
 
+def model_max_queued(s: ServeConfig) -> int:
+    """The model handle's queue bound, a safety net behind the ingress's: Serve counts a request
+    as queued until a replica takes it, so under a burst its check refuses requests a replica
+    was about to take; with the ingress's bound as its own it never fires before ours."""
+    bound = s.admission_bound()
+    return -1 if bound is None else bound
+
+
 def lifecycle_options(s: ServeConfig) -> dict[str, Any]:
     """How long a replica being replaced may finish what it holds (both deployments)."""
     return {"graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s}
@@ -52,7 +60,7 @@ def model_options(cfg: Config) -> dict[str, Any]:
     s = cfg.serve
     options: dict[str, Any] = {
         "max_ongoing_requests": s.max_ongoing_requests,
-        "max_queued_requests": s.max_queued_requests,
+        "max_queued_requests": model_max_queued(s),
         "health_check_period_s": s.health_check_period_s,
         "health_check_timeout_s": s.health_check_timeout_s,
         "ray_actor_options": {"num_cpus": cfg.resources.model_cpus, "num_gpus": cfg.resources.num_gpus_per_actor},

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -63,6 +63,21 @@ async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
     yield first
     async for item in rest:
         yield item
+
+
+class HeldStream(StreamingResponse):
+    """A stream that holds its admission place until it ends, however it ends (done, failed,
+    or its client gone): `on_close` runs when Starlette's call of the response returns."""
+
+    def __init__(self, content, on_close: Callable[[], None], **kw):
+        super().__init__(content, **kw)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 class Timing:
@@ -220,15 +235,20 @@ class LlavaIngressServer:
 
     async def chat(self, request: Request, timing: Timing) -> Response:
         """Refused at once past the admission bound, before the body is read or prepared. A
-        stream counts until its headers are sent; after that the model handle's queue bound
-        (Serve's backpressure, the same 503) holds."""
+        request holds its place until its answer is sent (a stream: until it ends)."""
         if self.admission_bound is not None and self.in_flight >= self.admission_bound:
             raise Overloaded(f"{self.in_flight} requests in flight (serve.max_queued_requests)")
         self.in_flight += 1
+        response = None
         try:
-            return await self._chat(request, timing)
+            response = await self._chat(request, timing)
+            return response
         finally:
-            self.in_flight -= 1
+            if not isinstance(response, HeldStream):  # a stream gives its place back when it ends
+                self._leave()
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
 
     async def _chat(self, request: Request, timing: Timing) -> Response:
         req = ChatCompletionRequest.model_validate(await self._read_json(request))
@@ -251,8 +271,8 @@ class LlavaIngressServer:
         deltas = self.model.options(stream=True).stream.remote(prepared, sampling)
         # Pull the first item before answering 200, so an overloaded model is a 503, not a broken stream.
         first = await deltas.__anext__()
-        return StreamingResponse(
-            sse_events(request_id, self.served_name, first, deltas, include_usage, timing),
+        return HeldStream(
+            sse_events(request_id, self.served_name, first, deltas, include_usage, timing), self._leave,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

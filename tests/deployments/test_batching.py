@@ -31,13 +31,19 @@ class Model:
         return [x * 10 for x in batch]
 
 
+async def busy(max_batch_size: int) -> tuple[Model, AdaptiveBatcher, asyncio.Task]:
+    """A batcher whose model runs the first request, which found it idle."""
+    model = Model()
+    batcher = AdaptiveBatcher(model.run, max_batch_size)
+    first = asyncio.create_task(batcher.submit(1))
+    await _turns()
+    assert model.calls == [[1]]  # started alone, without waiting for company
+    return model, batcher, first
+
+
 def test_an_idle_model_starts_at_once_and_arrivals_during_a_batch_form_the_next():
     async def scenario():
-        model = Model()
-        batcher = AdaptiveBatcher(model.run, max_batch_size=4)
-        first = asyncio.create_task(batcher.submit(1))
-        await _turns()
-        assert model.calls == [[1]]  # started alone, without waiting for company
+        model, batcher, first = await busy(max_batch_size=4)
         rest = [asyncio.create_task(batcher.submit(i)) for i in range(2, 8)]
         await _turns()
         assert model.calls == [[1]]  # one batch at a time: the others wait for the model
@@ -52,10 +58,7 @@ def test_an_idle_model_starts_at_once_and_arrivals_during_a_batch_form_the_next(
 
 def test_a_caller_that_left_is_not_batched_and_a_failed_batch_fails_only_its_callers():
     async def scenario():
-        model = Model()
-        batcher = AdaptiveBatcher(model.run, max_batch_size=8)
-        first = asyncio.create_task(batcher.submit(1))
-        await _turns()
+        model, batcher, first = await busy(max_batch_size=8)
         gone, unlucky, other = (asyncio.create_task(batcher.submit(i)) for i in (2, 13, 3))
         await _turns()
         gone.cancel()
