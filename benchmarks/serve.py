@@ -4,7 +4,8 @@ Both servers load the same checkpoint through the same Preprocessor and HFEngine
 same OpenAI request body, so the ratios measure the serving architecture (proxy, a CPU ingress,
 a model replica that batches concurrent requests), not the model code. The direct call is a
 stdlib HTTP server in one process that prepares and generates each request as it comes, one at
-a time:
+a time. Both run side by side and the levels alternate between them (direct c=1, Serve c=1,
+direct c=4, ...), so that a shared machine's load weighs on both alike:
 
     python benchmarks/serve.py                           # tiny LLaVA-1.5, concurrency 1 4 16 64
     python benchmarks/serve.py --model /path/to/ckpt --requests 64
@@ -28,8 +29,10 @@ import socket
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import numpy as np
@@ -182,20 +185,18 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return {role: sum(psutil.Process(pid).cpu_times()[:2]) for role, pid in pids.items()}
 
 
-def measure(url: str, model: str, levels: list[int], n: int, max_tokens: int, pids: dict[str, int]) -> list[dict]:
-    """Each concurrency level in turn, with the CPU each process spent on it per request."""
-    asyncio.run(_load(url, request_bodies(model, 4, max_tokens), 2))  # warm-up: loads, JIT, caches
-    results = []
-    for c in levels:
-        before = cpu_seconds(pids)
-        level = asyncio.run(_load(url, request_bodies(model, max(n, 2 * c), max_tokens), c))
-        after = cpu_seconds(pids)
-        level["cpu_ms_per_request"] = {role: round(1000 * (after[role] - before[role]) / level["requests"], 2) for role in pids}
-        results.append(level)
-    return results
+def measure(url: str, model: str, concurrency: int, n: int, max_tokens: int, pids: dict[str, int]) -> dict:
+    """One concurrency level, with the CPU each process spent on it per request."""
+    before = cpu_seconds(pids)
+    level = asyncio.run(_load(url, request_bodies(model, max(n, 2 * concurrency), max_tokens), concurrency))
+    after = cpu_seconds(pids)
+    level["cpu_ms_per_request"] = {role: round(1000 * (after[role] - before[role]) / level["requests"], 2) for role in pids}
+    return level
 
 
-def run_baseline(cfg: Config, levels: list[int], n: int, max_tokens: int) -> list[dict]:
+@contextmanager
+def direct_server(cfg: Config) -> Iterator[tuple[str, dict[str, int]]]:
+    """(chat completions URL, {"server": pid}) of the direct call, running in its own process."""
     port = _free_port()
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
@@ -204,30 +205,26 @@ def run_baseline(cfg: Config, levels: list[int], n: int, max_tokens: int) -> lis
     try:
         if not ready.wait(300):
             raise RuntimeError("baseline server did not start in 300 s")
-        model = cfg.serve.served_model_name or cfg.model.name
-        return measure(f"http://127.0.0.1:{port}/v1/chat/completions", model, levels, n, max_tokens, {"server": proc.pid})
+        yield f"http://127.0.0.1:{port}/v1/chat/completions", {"server": proc.pid}
     finally:
         proc.terminate()
         proc.join(10)
 
 
-def run_serve(cfg: Config, levels: list[int], n: int, max_tokens: int) -> tuple[list[dict], dict]:
+@contextmanager
+def serve_app(cfg: Config) -> Iterator[tuple[str, dict[str, int], str]]:
+    """(chat completions URL, process pids, Prometheus URL) of the Serve app on a Ray of its own."""
     import ray
     from ray import serve
 
     from deployments.app import serve_local
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        metrics_port = s.getsockname()[1]
+    metrics_port = _free_port()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False,
              _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
     try:
         base = serve_local(cfg, blocking=False)
-        model = cfg.serve.served_model_name or cfg.model.name
-        results = measure(f"{base}/chat/completions", model, levels, n, max_tokens, serve_pids())
-        time.sleep(3)  # two metrics export periods
-        return results, batch_sizes(f"http://127.0.0.1:{metrics_port}/metrics")
+        yield f"{base}/chat/completions", serve_pids(), f"http://127.0.0.1:{metrics_port}/metrics"
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -314,11 +311,19 @@ def main(argv: list[str] | None = None) -> dict:
     if args.model:
         overrides.append(f"model.name={args.model}")
     cfg = load_config(args.config, overrides=overrides + args.set)
+    model = cfg.serve.served_model_name or cfg.model.name
     load_start = round(os.getloadavg()[0], 2)
-    logger.info("direct call: one request at a time")
-    baseline = run_baseline(cfg, args.concurrency, args.requests, args.max_tokens)
+    baseline, served = [], []
     logger.info("serve: %s", cfg.serve.model_dump(exclude={"api_key"}))
-    served, batches = run_serve(cfg, args.concurrency, args.requests, args.max_tokens)
+    with direct_server(cfg) as (direct_url, direct_pids), serve_app(cfg) as (serve_url, pids, metrics_url):
+        for url in (direct_url, serve_url):  # warm-up: loads, JIT, caches
+            asyncio.run(_load(url, request_bodies(model, 4, args.max_tokens), 2))
+        for c in args.concurrency:  # interleaved, so that a shared machine's load weighs on both alike
+            logger.info("concurrency %d", c)
+            baseline.append(measure(direct_url, model, c, args.requests, args.max_tokens, direct_pids))
+            served.append(measure(serve_url, model, c, args.requests, args.max_tokens, pids))
+        time.sleep(3)  # two metrics export periods
+        batches = batch_sizes(metrics_url)
     report = {
         "benchmark": "serve",
         "model": cfg.model.name,
