@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from pipeline.config import load_config
-from tests.conftest import encode, free_port, photo
+from tests.conftest import encode, free_port, photo, settled, value
 from tests.image_server import ImageServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a model load, a redeploy and a replacement on 2 cores
@@ -79,11 +79,30 @@ def wait_for(condition, what: str, bound_s: float = 180):
     return found
 
 
-def test_past_the_queue_bound_the_ingress_answers_503_with_retry_after(app):
+def drop_streams(url: str, n: int) -> list[int]:
+    """n streams at once, each left by its client after its first event; their statuses."""
+    async def drop(client):
+        async with client.stream("POST", f"{url}/chat/completions", json=body(stream=True, max_tokens=2000, min_tokens=2000)) as r:
+            await r.aiter_lines().__anext__()
+            return r.status_code
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(drop(client) for _ in range(n)))
+
+    return asyncio.run(run())
+
+
+def test_past_the_queue_bound_the_ingress_answers_503_with_retry_after(app, metrics_url):
     """By construction: BOUND requests held in the ingress by image fetches that do not answer
     yet fill the admission bound (4 at the model + 4 queued) while the model holds nothing, so
-    the next one is refused by the ingress at once; once they finish, service resumes."""
+    the next one is refused by the ingress at once; once they finish, service resumes. Streams
+    dropped by their clients before give their places back: else fewer would be let in here."""
     url, _ = app
+    aborted = lambda s: value(s, "ray_llava_ray_streams_aborted_total")  # noqa: E731
+    start = aborted(settled(metrics_url))
+    assert drop_streams(url, BOUND) == [200] * BOUND
+    settled(metrics_url, lambda s: aborted(s) - start >= BOUND)  # the model stopped them all
     gate = threading.Event()
     with ImageServer("127.0.0.2") as images:
         held = images.add("/held.png", encode(photo("astronaut")), gate=gate)
