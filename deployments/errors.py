@@ -1,9 +1,9 @@
 """Every error the endpoint answers, in OpenAI's shape: {"error": {message, type, param, code}}.
 
 `APIError` carries a status and the body fields; `to_api_error` maps the pipeline's own
-exception types (pipeline/errors.py: bad image, bad conversation, prompt too long, ...), schema
-errors and Serve backpressure to one, by type, so each failure has exactly one status and code
-wherever it is raised.
+exception types (pipeline/errors.py: bad image, bad conversation, prompt too long, a full queue,
+a dead engine, ...), schema errors and Serve's own (backpressure, a replica gone) to one, by type,
+so each failure has exactly one status and code wherever it is raised.
 """
 
 from __future__ import annotations
@@ -13,11 +13,15 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from pipeline.errors import ImageError, PromptTooLong, RowError, describe_validation_error
+from pipeline.errors import EngineDead, ImageError, Overloaded, PromptTooLong, RowError, describe_validation_error
 
 logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1  # what a 503 asks clients to wait: a queue place or a new replica is seconds away
+OVERLOADED = "the model is overloaded (its request queue is full); retry shortly"
 
 
 class APIError(Exception):
@@ -47,6 +51,11 @@ def validation_error(err: ValidationError) -> APIError:
     return APIError(422, f"{loc}: {message}" if loc else message, param=loc or None, code="invalid_value")
 
 
+def unavailable(message: str, code: str) -> APIError:
+    """503 with Retry-After: the request was fine, the endpoint cannot take it now."""
+    return APIError(503, message, type="server_error", code=code, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 def to_api_error(exc: Exception) -> APIError:
     if isinstance(exc, APIError):
         return exc
@@ -58,10 +67,12 @@ def to_api_error(exc: Exception) -> APIError:
         return APIError(400, str(exc), param="messages")
     if isinstance(exc, ValidationError):
         return validation_error(exc)
-    if isinstance(exc, BackPressureError):
-        return APIError(
-            503, "the model is overloaded (its request queue is full); retry shortly",
-            type="server_error", code="overloaded", headers={"Retry-After": "1"},
-        )
+    if isinstance(exc, (Overloaded, BackPressureError)):
+        return unavailable(OVERLOADED, "overloaded")
+    if isinstance(exc, EngineDead):  # its replica reports unhealthy and Serve replaces it
+        return unavailable("the model replica's engine failed; retry shortly", "engine_unavailable")
+    if isinstance(exc, (RayActorError, ActorUnavailableError)):  # stopped or crashed mid-request
+        logger.warning("a replica went away during a request: %s", exc)
+        return unavailable("the model replica went away; retry shortly", "replica_unavailable")
     logger.exception("unexpected error serving a request")
     return APIError(500, f"internal error ({type(exc).__name__}); see the server log", type="server_error")

@@ -1,32 +1,42 @@
 """The model deployment's logic: one Engine, requests batched across callers (no Serve wiring).
 
 Engines differ in who batches. A blocking `Engine` (transformers) runs one `generate` per batch,
-so concurrent requests are gathered with `@serve.batch` and the batch runs in a thread (the event
-loop keeps accepting the next batch meanwhile). An `AsyncEngine` (vLLM's) batches internally and
-is awaited per request.
+so concurrent requests are gathered by an `AdaptiveBatcher` and the batch runs in a thread (the
+event loop keeps accepting the next batch meanwhile). An `AsyncEngine` (vLLM's) batches
+internally and is awaited per request.
+
+Health: Serve calls `check_health` every serve.health_check_period_s and replaces a replica
+whose check raises. The engine cannot serve once it raised `EngineDead` (vLLM's engine died, a
+CUDA error poisoned the device); after calls that failed otherwise, the check runs one short
+generation of a known-good request to tell a request's own fault from a broken engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import threading
 from typing import Any, AsyncIterator, Callable, Iterator
 
-from ray import serve
+import numpy as np
+from PIL import Image
 
 from pipeline.checkpoint import Checkpoint
-from pipeline.config import Config, GenerationConfig, ServeConfig
+from pipeline.config import Config, GenerationConfig
 from pipeline.engines import make_engine
-from pipeline.engines.base import AsyncEngine, release
+from pipeline.engines.base import AsyncEngine, poisons_device, release
+from pipeline.errors import EngineDead
 from pipeline.metrics import BATCH_SIZE, STREAMS_ABORTED, metric
-from pipeline.records import PreparedRequest, Result
+from pipeline.preprocess import Preprocessor
+from pipeline.records import PreparedRequest, Record, Result
+
+from .batching import AdaptiveBatcher
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT_BATCH = ServeConfig.model_fields["max_batch_size"].default
-_DEFAULT_WAIT = ServeConfig.model_fields["batch_wait_timeout_s"].default
 _END = object()
+_PROBE_SAMPLING = GenerationConfig(max_new_tokens=1)  # greedy, one token: the cheapest real generation
 
 
 def _group_key(index: int, sampling: GenerationConfig) -> str:
@@ -71,13 +81,25 @@ async def _iterate_in_thread(make: Callable[[], Iterator[Any]]) -> AsyncIterator
         stop.set()
 
 
+def probe_request(cfg: Config, checkpoint: Checkpoint) -> PreparedRequest:
+    """A request any working engine answers: a grey image and the default prompt, prepared as
+    the ingress prepares requests."""
+    image = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(image, "PNG")
+    record = Record(id="health-probe", images=[image.getvalue()])
+    return Preprocessor(cfg, checkpoint, local_ok=False).prepare(record, _PROBE_SAMPLING.max_new_tokens)
+
+
 class LlavaModelServer:
     """Holds the Engine; batch sizes are observable as the llava_ray_batch_size histogram."""
 
     def __init__(self, cfg: Config):
-        self.engine = make_engine(cfg, Checkpoint.load(cfg.model))
-        self._generate_batch.set_max_batch_size(cfg.serve.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
+        checkpoint = Checkpoint.load(cfg.model)
+        self.engine = make_engine(cfg, checkpoint)
+        self._probe = probe_request(cfg, checkpoint)
+        self._batcher = AdaptiveBatcher(self._generate_batch, cfg.serve.max_batch_size)
+        self._dead: str | None = None  # why the engine cannot serve any more
+        self._failing = False  # a call failed since the last one that succeeded
         logger.info("model deployment ready: %s (%s)", self.engine.model_name, self.engine.backend)
 
     def __del__(self):
@@ -85,13 +107,43 @@ class LlavaModelServer:
         processes would otherwise outlive the replica)."""
         release(getattr(self, "engine", None))  # None when __init__ failed before the engine
 
+    async def check_health(self) -> None:
+        """Raise when the engine can no longer serve, so that Serve replaces this replica."""
+        if self._dead is None and self._failing:
+            [result] = await self._engine_generate([self._probe], _PROBE_SAMPLING)
+            if result.error:
+                self._dead = f"a known-good request failed: {result.error}"
+        if self._dead is not None:
+            logger.error("unhealthy, to be replaced: %s", self._dead)
+            raise EngineDead(self._dead)
+
+    def _observe(self, error: BaseException | None, results: list[Result] = ()) -> None:
+        """Track the engine's state from a call's outcome; an error that leaves the engine
+        unusable marks the replica dead."""
+        if isinstance(error, EngineDead) or (error is not None and poisons_device(error)):
+            self._dead = self._dead or f"{type(error).__name__}: {error}"
+        self._failing = error is not None or any(r.error for r in results)
+
+    async def _engine_generate(self, requests: list[PreparedRequest], sampling: GenerationConfig) -> list[Result]:
+        if self._dead is not None:
+            raise EngineDead(self._dead)
+        try:
+            if isinstance(self.engine, AsyncEngine):
+                results = await self.engine.agenerate(requests, sampling)
+            else:
+                results = await asyncio.to_thread(self.engine.generate, requests, sampling)
+        except Exception as e:
+            self._observe(e)
+            raise
+        self._observe(None, results)
+        return results
+
     async def generate(self, request: PreparedRequest, sampling: GenerationConfig) -> Result:
         if isinstance(self.engine, AsyncEngine):
-            [result] = await self.engine.agenerate([request], sampling)
+            [result] = await self._engine_generate([request], sampling)
             return result
-        return await self._generate_batch((request, sampling))
+        return await self._batcher.submit((request, sampling))
 
-    @serve.batch(max_batch_size=_DEFAULT_BATCH, batch_wait_timeout_s=_DEFAULT_WAIT)
     async def _generate_batch(self, items: list[tuple[PreparedRequest, GenerationConfig]]) -> list[Result]:
         metric(BATCH_SIZE).observe(len(items))
         groups: dict[str, list[int]] = {}
@@ -101,7 +153,7 @@ class LlavaModelServer:
         for indices in groups.values():
             sampling = items[indices[0]][1]
             batch = [items[i][0] for i in indices]
-            for i, result in zip(indices, await asyncio.to_thread(self.engine.generate, batch, sampling)):
+            for i, result in zip(indices, await self._engine_generate(batch, sampling)):
                 results[i] = result
         return results
 
@@ -109,6 +161,8 @@ class LlavaModelServer:
         """Text deltas, then the request's Result (usage and finish_reason for the last chunk).
         A caller that goes away closes this generator, which stops the engine's generation
         (counted as llava_ray_streams_aborted_total)."""
+        if self._dead is not None:
+            raise EngineDead(self._dead)
         finished = False
         items = self.engine.astream(request, sampling) if isinstance(self.engine, AsyncEngine) else \
             _iterate_in_thread(lambda: self.engine.stream(request, sampling))
@@ -116,7 +170,13 @@ class LlavaModelServer:
             async for item in items:
                 finished = isinstance(item, Result)
                 yield item
+        except Exception as e:
+            self._observe(e)
+            if self._dead is not None:
+                raise EngineDead(self._dead) from e
+            raise
         finally:
             if not finished:
                 await items.aclose()
                 metric(STREAMS_ABORTED).inc()
+        self._observe(None, [item])

@@ -14,15 +14,17 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import Config
+from pipeline.errors import Overloaded
 from pipeline.metrics import REQUEST_SECONDS, REQUESTS, TIME_PER_OUTPUT_TOKEN, TIME_TO_FIRST_TOKEN, metric
 from pipeline.preprocess import Preprocessor
 from pipeline.records import PreparedRequest, Result
@@ -51,7 +53,9 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return APIError(exc.status_code, str(exc.detail), code=None).response()
 
 
-def _sse(payload: dict[str, Any] | str) -> str:
+def _sse(payload: BaseModel | dict[str, Any] | str) -> str:
+    if isinstance(payload, BaseModel):
+        payload = payload.model_dump_json()
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
@@ -59,6 +63,21 @@ async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
     yield first
     async for item in rest:
         yield item
+
+
+class HeldStream(StreamingResponse):
+    """A stream that holds its admission place until it ends, however it ends (done, failed,
+    or its client gone): `on_close` runs when Starlette's call of the response returns."""
+
+    def __init__(self, content, on_close: Callable[[], None], **kw):
+        super().__init__(content, **kw)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 class Timing:
@@ -87,7 +106,7 @@ async def sse_events(request_id: str, model: str, first, deltas, include_usage: 
 
     def chunk(delta: Delta, finish_reason: str | None = None) -> str:
         choice = ChunkChoice(delta=delta, finish_reason=finish_reason)
-        return _sse(ChatCompletionChunk(id=request_id, model=model, choices=[choice]).model_dump())
+        return _sse(ChatCompletionChunk(id=request_id, model=model, choices=[choice]))
 
     result = None
     try:
@@ -104,7 +123,7 @@ async def sse_events(request_id: str, model: str, first, deltas, include_usage: 
         yield chunk(Delta(), result.finish_reason)
         if include_usage:
             usage = ChatCompletionChunk(id=request_id, model=model, choices=[], usage=Usage.of(result))
-            yield _sse(usage.model_dump())
+            yield _sse(usage)
     except Exception as e:
         yield _sse(to_api_error(e).body())
     finally:
@@ -136,6 +155,7 @@ class LlavaIngressServer:
         self.served_name = cfg.serve.served_model_name or cfg.model.name
         self.api_key_sha256 = api_key_sha256 or key_digest(cfg.serve.resolved_api_key())
         self.preprocessor = Preprocessor(cfg, Checkpoint.load(cfg.model), local_ok=False)
+        self.admission_bound, self.in_flight = cfg.serve.admission_bound(), 0
         # Decoding blocks, and http(s) fetches block for up to fetch.timeout_s: both run off the
         # event loop, on two pools, so requests with inline (data:) images never queue behind
         # slow fetches.
@@ -214,6 +234,23 @@ class LlavaIngressServer:
             raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
 
     async def chat(self, request: Request, timing: Timing) -> Response:
+        """Refused at once past the admission bound, before the body is read or prepared. A
+        request holds its place until its answer is sent (a stream: until it ends)."""
+        if self.admission_bound is not None and self.in_flight >= self.admission_bound:
+            raise Overloaded(f"{self.in_flight} requests in flight (serve.max_queued_requests)")
+        self.in_flight += 1
+        response = None
+        try:
+            response = await self._chat(request, timing)
+            return response
+        finally:
+            if not isinstance(response, HeldStream):  # a stream gives its place back when it ends
+                self._leave()
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+
+    async def _chat(self, request: Request, timing: Timing) -> Response:
         req = ChatCompletionRequest.model_validate(await self._read_json(request))
         self._check_model(req.model)
         sampling = req.to_generation(self.cfg.generation)
@@ -228,14 +265,14 @@ class LlavaIngressServer:
         result: Result = await self.model.generate.remote(prepared, sampling)
         if result.error:
             raise APIError(500, result.error, type="server_error")
-        return JSONResponse(ChatCompletion.of(request_id, self.served_name, result).model_dump())
+        return Response(ChatCompletion.of(request_id, self.served_name, result).model_dump_json(), media_type="application/json")
 
     async def _stream(self, request_id: str, prepared: PreparedRequest, sampling, include_usage: bool, timing: Timing) -> Response:
         deltas = self.model.options(stream=True).stream.remote(prepared, sampling)
         # Pull the first item before answering 200, so an overloaded model is a 503, not a broken stream.
         first = await deltas.__anext__()
-        return StreamingResponse(
-            sse_events(request_id, self.served_name, first, deltas, include_usage, timing),
+        return HeldStream(
+            sse_events(request_id, self.served_name, first, deltas, include_usage, timing), self._leave,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

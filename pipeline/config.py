@@ -281,14 +281,24 @@ class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     served_model_name: str | None = None  # default: model.name
+    # transformers: the most requests one generate call takes. No batching delay: a request that
+    # finds the model idle starts at once; those arriving meanwhile form the next batch.
     max_batch_size: int = Field(default=8, ge=1)
-    batch_wait_timeout_s: float = Field(default=0.05, ge=0)
     num_replicas: int | None = Field(default=None, ge=1)  # fixed count; else autoscaling
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     ingress_replicas: int = Field(default=1, ge=1)
     ingress_cpus: float = Field(default=0.5, gt=0)
     max_ongoing_requests: int = Field(default=32, ge=1)
+    # Requests waiting for a model replica, at each ingress replica (Serve queues them in the
+    # caller's handle); past it a 503 with Retry-After. -1: no bound.
     max_queued_requests: int = Field(default=64, ge=-1)
+    # A replica being replaced (redeploy, scale-down, RayService upgrade) gets no new requests and
+    # this long to finish the ones it holds: at least the longest generation you serve.
+    graceful_shutdown_timeout_s: float = Field(default=60.0, gt=0)
+    # How often Serve asks the model replica whether its engine can still serve, and how long
+    # it waits for the answer (a check after failures runs one short generation).
+    health_check_period_s: float = Field(default=10.0, gt=0)
+    health_check_timeout_s: float = Field(default=30.0, gt=0)
     max_body_bytes: int = Field(default=30 * 1024 * 1024, ge=1)
     # The bearer key clients must send: serve.api_key, else the variable serve.api_key_env names.
     # Neither set (api_key_env: null, or the variable absent) runs without a key, on purpose.
@@ -301,6 +311,14 @@ class ServeConfig(_Strict):
         if v is not None and not v.strip():  # an empty key must never mean "no authentication"
             raise ValueError("an empty key is not a key; set a real one, or remove serve.api_key to run without one")
         return v
+
+    def admission_bound(self) -> int | None:
+        """Chat requests one ingress replica lets in at once (None: no bound): what the model
+        replicas hold plus its handle's queue. It refuses more with a 503 before reading them."""
+        if self.max_queued_requests < 0:
+            return None
+        replicas = self.num_replicas or self.autoscaling.max_replicas
+        return self.max_ongoing_requests * replicas + self.max_queued_requests
 
     def resolved_api_key(self) -> str | None:
         if self.api_key is not None:

@@ -109,6 +109,11 @@ class EngineDead(LlavaRayError):
     """The engine process died: nothing more can run in this process (restart the actor)."""
 
 
+class Overloaded(LlavaRayError):
+    """The endpoint holds and queues all it may (serve.max_queued_requests): a request past
+    that is refused at once, for the client to retry, rather than left to time out."""
+
+
 _UNION_TAGS = ("str", "int", "float", "bool", "list[", "dict[", "tagged-union[", "function-")
 
 

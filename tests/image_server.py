@@ -1,7 +1,7 @@
 """A real HTTP server on a loopback address for the fetch and SSRF tests.
 
-Routes are set per test: fixed bodies (with or without Content-Length), redirects, and slow
-drips; every request's path and Host header are recorded so a test can see what reached it.
+Routes are set per test: fixed bodies (with or without Content-Length), redirects, slow
+drips and answers held until a test releases them; every request's path and Host header are recorded so a test can see what reached it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ class Route:
     content_length: bool = True  # False: no header, the body ends when the connection closes
     drip_s: float = 0.0  # pause before each 1 KiB piece
     drip_headers_s: float = 0.0  # pause before each byte of the status line and headers
+    gate: threading.Event | None = None  # answer only once it is set (a fetch held as long as a test needs)
 
 
 class ImageServer:
@@ -32,6 +33,8 @@ class ImageServer:
             def do_GET(self):
                 server.seen.append((self.path, self.headers.get("Host")))
                 route = server.routes.get(self.path, Route(b"not found", 404))
+                if route.gate is not None:
+                    route.gate.wait()
                 if route.drip_headers_s:  # a server that sends its head a byte at a time
                     head = f"HTTP/1.1 {route.status} OK\r\nContent-Length: {len(route.body)}\r\n\r\n".encode()
                     try:

@@ -86,7 +86,8 @@ class HFEngine(EngineLabels):
             device_map={"": self.device},
         )
         self.model.eval()
-        self._levels = torch.from_numpy(normalised_levels(self.processor.image_processor)).to(self.device)
+        self._levels_np = normalised_levels(self.processor.image_processor)
+        self._levels = torch.from_numpy(self._levels_np).to(self.device)
         self.eos_ids = set(np.atleast_1d(self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id).tolist())
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         super().__init__(checkpoint.name, backend_label(cfg, self.dtype))
@@ -108,9 +109,7 @@ class HFEngine(EngineLabels):
             for n in r.tiles_per_image:
                 per_image.append(r.tiles[start : start + n])
                 start += n
-        tiles = torch.from_numpy(np.concatenate([t for t in per_image])).to(self.device)
-        channels = torch.arange(3, device=self.device).view(1, 3, 1, 1)
-        normed = self._levels[channels, tiles.long()].to(getattr(torch, self.dtype))
+        normed = self._normalised([r.tiles for r in requests]).to(getattr(torch, self.dtype))
         if self.family.name != "llava_next":
             return normed, None
         max_tiles = max(t.shape[0] for t in per_image)
@@ -121,6 +120,25 @@ class HFEngine(EngineLabels):
             start += t.shape[0]
         sizes = torch.tensor([s for r in requests for s in r.image_sizes], dtype=torch.long, device=self.device)
         return out, sizes
+
+    def _normalised(self, tiles: list[np.ndarray]):
+        """uint8 tiles -> float32 pixel values on the device, each level looked up in `_levels`.
+        On CPU numpy reads the tiles where they lie and writes the result once (4x less CPU than
+        the lookup by long indices below); on a GPU the uint8 tiles cross to it (4x fewer bytes
+        than float) and are looked up there."""
+        import torch
+
+        if self.device == "cpu":
+            out = np.empty((sum(len(t) for t in tiles), *tiles[0].shape[1:]), np.float32)
+            start = 0
+            for t in tiles:
+                for c in range(3):
+                    np.take(self._levels_np[c], t[:, c], out=out[start : start + len(t), c], mode="clip")
+                start += len(t)
+            return torch.from_numpy(out)
+        on_device = torch.from_numpy(np.concatenate(tiles)).to(self.device)
+        channels = torch.arange(3, device=self.device).view(1, 3, 1, 1)
+        return self._levels[channels, on_device.long()]
 
     def _batch_inputs(self, requests: list[PreparedRequest]) -> dict:
         import torch
