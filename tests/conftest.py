@@ -115,7 +115,9 @@ def ray_local():
     if not ray.is_initialized():
         cpus = local_cpus(load_config({"model": {"name": "any"}}))
         # Metrics exported on a port of our own, every half second, so tests can scrape them.
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+        # address="local": our own Ray even while another runs here (a `ray start`, the cluster tests'
+        # head), which a bare init would attach to and then refuse num_cpus.
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  _metrics_export_port=free_port(), _system_config={"metrics_report_interval_ms": 500})
     yield ray
     ray.shutdown()
