@@ -12,6 +12,7 @@ config's `serve` and `resources` sections.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from typing import Any, Callable
 
@@ -107,6 +108,10 @@ def build_app(args: dict[str, Any]) -> Application:
     return build(load_config(args["config"], overrides=args.get("set")))
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def serve_local(cfg: Config, *, blocking: bool = True, on_ready: Callable[[str], None] | None = None) -> str:
     """Run the app on this machine's Ray (started here if none is running) at serve.host:port.
 
@@ -124,6 +129,11 @@ def serve_local(cfg: Config, *, blocking: bool = True, on_ready: Callable[[str],
     if on_ready is not None:
         on_ready(url)
     if blocking:
+        # Ctrl-C and SIGTERM (a pod's stop) both drain and exit. Installed here, not left to
+        # Python's default: a process started in the background by a shell inherits SIGINT
+        # ignored, and then Python installs no handler at all.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _interrupt)
         try:
             while True:
                 time.sleep(3600)

@@ -122,7 +122,15 @@ def test_run_prints_the_summary_and_keep_first_keeps_the_first_in_input_order(tm
 
 
 @pytest.mark.slow
+def _as_a_background_job():
+    """What a shell does to a command started with `&` (and nohup users get): SIGINT ignored,
+    inherited; Python then installs no KeyboardInterrupt handler of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.timeout(600)
 def test_serve_answers_until_interrupted(tmp_path, tiny_llava):
+    """Answers, then stops on SIGINT and exits 0, even started as a background job."""
     import socket
 
     with socket.socket() as s:
@@ -132,7 +140,7 @@ def test_serve_answers_until_interrupted(tmp_path, tiny_llava):
         [sys.executable, "-m", "pipeline", "serve", "configs/serve-tiny.yaml", "--set", f"model.name={tiny_llava}",
          "--set", f"serve.port={port}", "--set", "serve.api_key_env=LLAVA_RAY_TEST_KEY"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
-        env={**os.environ, "LLAVA_RAY_TEST_KEY": "from-the-env"},
+        env={**os.environ, "LLAVA_RAY_TEST_KEY": "from-the-env"}, preexec_fn=_as_a_background_job,
     )
     try:
         line = proc.stdout.readline()
@@ -143,8 +151,11 @@ def test_serve_answers_until_interrupted(tmp_path, tiny_llava):
         assert ok.status_code == 200 and ok.json()["data"][0]["id"] == tiny_llava
     finally:
         os.killpg(proc.pid, signal.SIGINT)
-        # A bound, not a timing check: Serve drains each replica and the engine is closed on the way out.
-        assert proc.wait(timeout=300) == 0
+        try:  # a bound, not a timing check: Serve drains each replica and the engine is closed on the way out
+            assert proc.wait(timeout=300) == 0
+        finally:
+            if proc.poll() is None:  # never leave a server behind
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_serve_with_a_bad_config_exits_2(tmp_path):
