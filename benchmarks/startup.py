@@ -1,0 +1,116 @@
+"""Where the offline job's start-up goes (issue 23), each piece in a fresh process, on N rows
+(default 256) of `offline.py`'s input and settings (tiny LLaVA-1.5, 64 new tokens):
+
+  preflight  `job.preflight`: the checks, the checkpoint opened on the driver, the input inspected
+  imports    what an actor process imports before its first batch (torch, transformers, stages)
+  cpu actor  Checkpoint.load + the Preprocessor, after those imports (the CPU actor's constructor)
+  model      Checkpoint.load + the engine's model load, after those imports (the model actor's)
+  job        run_job once Ray and its worker pool are up (as offline.py times it); each committed
+             output file's mtime gives the first and the last block's commit
+Steady state: the rows after the first block over the time from the first commit to the last.
+Start-up: the job's wall minus N / steady rate. (a)/(b) at N is offline.py's; this splits its gap.
+
+    python benchmarks/startup.py [--rows 256] [--out benchmarks/results/startup.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+_PIECE = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch, transformers, pipeline.stages  # noqa: F401
+imports = time.perf_counter() - t0
+from pipeline.checkpoint import Checkpoint
+from pipeline.config import Config
+cfg = Config.model_validate_json(sys.argv[2])
+t0 = time.perf_counter()
+if sys.argv[1] == "cpu":
+    from pipeline.preprocess import Preprocessor
+    Preprocessor(cfg, Checkpoint.load(cfg.model))
+else:
+    from pipeline.engines import make_engine
+    make_engine(cfg, Checkpoint.load(cfg.model))
+print(json.dumps({"imports_s": imports, "load_s": time.perf_counter() - t0}))
+"""
+
+_JOB = r"""
+import json, os, sys, time
+import ray
+from ray.data import DataContext
+from pipeline.cluster import local_cpus
+from pipeline.config import Config
+from pipeline.job import preflight, run_job
+cfg = Config.model_validate_json(sys.argv[1])
+cpus = local_cpus(cfg)
+ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+ray.get([ray.remote(lambda: None).remote() for _ in range(cpus)])
+DataContext.get_current().enable_progress_bars = False
+t0 = time.perf_counter()
+preflight(cfg)
+pre = time.perf_counter() - t0
+start_wall, t0 = time.time(), time.perf_counter()
+summary = run_job(cfg)
+seconds = time.perf_counter() - t0
+out = cfg.output.path
+commits = sorted(os.path.getmtime(os.path.join(out, f)) - start_wall for f in os.listdir(out) if f.endswith(".parquet"))
+print(json.dumps({"preflight_s": pre, "seconds": seconds, "rows": summary.rows_processed, "commits": commits,
+                  "rows_per_block": cfg.resources.rows_per_block}))
+"""
+
+
+def child(code: str, *args: str) -> dict:
+    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+    if res.returncode:
+        sys.exit(res.stderr[-3000:])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    import offline
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "startup.json"))
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
+        from pipeline.tiny import build_tiny_checkpoint
+
+        work = Path(tmp)
+        llava = build_tiny_checkpoint(work / "tiny-llava", "llava")
+        data = offline.write_input(work / "in", 1, args.rows, offline.encoded_images())
+        cfg = offline.job_config(llava, data, work / "out", offline.NEW_TOKENS)
+        load = os.getloadavg()[0]
+        cpu, model = child(_PIECE, "cpu", cfg.model_dump_json()), child(_PIECE, "model", cfg.model_dump_json())
+        job = child(_JOB, cfg.model_dump_json())
+    first, last = job["commits"][0], job["commits"][-1]
+    block = job["rows_per_block"]
+    steady = (job["rows"] - block) / (last - first) if last > first else float("nan")
+    startup = job["seconds"] - job["rows"] / steady
+    report = {
+        "benchmark": "startup", "rows": job["rows"], "load_1m": {"start": round(load, 2), "end": round(os.getloadavg()[0], 2)},
+        "preflight_s": round(job["preflight_s"], 2),
+        "actor_imports_s": round(cpu["imports_s"], 2), "cpu_actor_load_s": round(cpu["load_s"], 2),
+        "model_actor_imports_s": round(model["imports_s"], 2), "model_load_s": round(model["load_s"], 2),
+        "job_s": round(job["seconds"], 2), "first_commit_s": round(first, 2), "last_commit_s": round(last, 2),
+        "steady_rows_per_s": round(steady, 3), "startup_s": round(startup, 2),
+        "job_rate_over_steady": round(job["rows"] / job["seconds"] / steady, 3),
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    for k, v in report.items():
+        print(f"{k:24} {v}")
+
+
+if __name__ == "__main__":
+    main()
