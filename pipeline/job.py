@@ -20,9 +20,9 @@ from .inputs import InputPlan, check_ids_on_cluster, inspect_input
 from .lease import Lease
 from .outputs import check_no_overlap, check_writable
 from .progress import Progress, Reporter, Tally, tally
-from .readers import open_input
+from .readers import open_input, output_repeats
 from .resume import checkpoint_path, drop_failed_rows, reconcile, split_output
-from .storage import arrow_fs, output_rows, remove_tree
+from .storage import arrow_fs, output_batches, remove_tree
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
     else:
         if retry_failed:
             drop_failed_rows(cfg, None if retry_failed is True else list(retry_failed))
-        reconcile(cfg, plan.id_type)
+        reconcile(cfg, plan.id_type, lambda files: output_repeats(cfg, files, plan.id_type))
     # Data files of a block whose commit a stop interrupted are deleted by Ray Data at start
     # (their rows run again): they are neither done before this run nor written by it.
     committed, uncommitted = split_output(cfg)
@@ -132,8 +132,9 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
 def summarize(cfg: Config, whole: Tally, run: Tally, seconds: float, dropped: int) -> JobSummary:
     """Totals over the whole output; rates over the files this run wrote (a resumed run's
     earlier files are not its work)."""
-    labels = output_rows(cfg.output.path, cfg.storage, ["model", "backend"], run.files)
-    ran = labels.filter(pc.is_valid(labels.column("backend"))).slice(0, 1).to_pylist()
+    batches = output_batches(cfg.output.path, cfg.storage, ["model", "backend"], run.files)
+    ran = next((b.filter(pc.is_valid(b.column("backend"))).slice(0, 1).to_pylist() for b in batches
+                if "backend" in b.column_names and pc.any(pc.is_valid(b.column("backend"))).as_py()), [])
     return JobSummary(
         output_path=cfg.output.path,
         rows_total=whole.rows,

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from .config import Config
 from .metrics import GENERATED_TOKENS, IMAGE_TOKENS, PROMPT_TOKENS, ROWS, metric
-from .storage import output_files, output_rows
+from .storage import output_batches, output_files
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +61,9 @@ class Tally:
 
 
 def tally(cfg: Config, files: list[str]) -> Tally:
-    """The tally of these committed output files."""
-    if not files:
-        return Tally()
-    counted = Tally.of(output_rows(cfg.output.path, cfg.storage, COLUMNS, files))
+    """The tally of these committed output files, a batch at a time (a resumed run of a large
+    output must not hold all its rows on the driver)."""
+    counted = sum((Tally.of(t) for t in output_batches(cfg.output.path, cfg.storage, COLUMNS, files)), Tally())
     counted.files = list(files)
     return counted
 

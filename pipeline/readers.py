@@ -54,11 +54,7 @@ class Reader:
     def repeated_ids(self, column: str, schema: pa.Schema) -> list[tuple]:
         """(id, rows) of each id that repeats or is null, by a Ray Data hash aggregation on the
         cluster: the driver holds only those, however large the input."""
-        from ray.data.expressions import col
-
-        counts = self.dataset([column], pa.schema([schema.field(column)])).groupby(column).count()
-        found = counts.filter(expr=(col("count()") > 1) | col(column).is_null()).take_all()
-        return [(row[column], row["count()"]) for row in found]
+        return _repeated(self.dataset([column], pa.schema([schema.field(column)])), column)
 
     def _unreadable(self, path: str, e: Exception) -> JobError:
         return JobError(f"input.path: {path} is not a readable {self.what} file: {str(e).strip().splitlines()[0]}")
@@ -359,6 +355,27 @@ def _auto(cfg: Config) -> type[Reader]:
         formats = sorted(r.format for r in found)
         raise JobError(f"input.format: auto cannot tell the format of {seen} (would be {formats}); set input.format")
     return found.pop()
+
+
+def _repeated(ds, column: str) -> list[tuple]:
+    from ray.data.expressions import col
+
+    found = ds.groupby(column).count().filter(expr=(col("count()") > 1) | col(column).is_null()).take_all()
+    return [(row[column], row["count()"]) for row in found]
+
+
+def output_repeats(cfg: Config, files: list[str], id_type: pa.DataType) -> int:
+    """Rows of a resumed output (its Parquet and JSON Lines data `files`) that repeat an earlier
+    row's id, counted on the cluster as the input's ids are (resume.reconcile, for a large output)."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, _ = fsspec_fs(cfg.output.path, cfg.storage)
+    column, schema = cfg.input.columns.id, pa.schema([pa.field(cfg.input.columns.id, id_type)])
+    parts = [reader(cfg, PyFileSystem(FSSpecHandler(fs)), mine).dataset([column], schema)
+             for reader in (ParquetReader, JsonReader) if (mine := [f for f in files if f.endswith(reader.extensions)])]
+    if not parts:
+        return 0
+    return sum(rows - 1 for _, rows in _repeated(parts[0].union(*parts[1:]) if parts[1:] else parts[0], column))
 
 
 def open_input(cfg: Config) -> Reader:

@@ -1,7 +1,7 @@
 """Resume bookkeeping on top of Ray Data's checkpointing (`DataContext.checkpoint_config`).
 
 The output is the truth: before a resumed run, `reconcile` makes the checkpoint list exactly
-the ids the output holds (a folder cleaned by hand, a checkpoint deleted), so a rerun never
+the ids the output holds, one block at a time (a folder cleaned by hand, a checkpoint deleted), so a rerun never
 duplicates a row and never skips one.
 
 Ray writes one checkpoint file (the ids of a block) per output data file, with a two-phase
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
-import uuid
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -87,10 +87,17 @@ def drop_failed_rows(cfg: Config, kinds: list[str] | None = None) -> int:
     return removed
 
 
-def _ids(fs, files: list[str], id_col: str) -> pa.ChunkedArray:
-    """The ids of checkpoint or output files (Parquet or JSON Lines)."""
+def _ids(fs, files: list[str], id_col: str, what: str, id_type: pa.DataType) -> pa.ChunkedArray:
+    """The ids of checkpoint or output files (Parquet or JSON Lines); ids of another type than
+    the input's are a one-line JobError: the output belongs to another input."""
     tables = [_read(fs, f, [id_col]) for f in files]
-    return pa.concat_tables(tables).column(0) if tables else pa.chunked_array([], pa.null())
+    ids = pa.concat_tables(tables).column(0) if tables else pa.chunked_array([], id_type)
+    if len(ids) and _kind(ids.type) != _kind(id_type):
+        raise JobError(
+            f"output.path: the existing {what} has {ids.type} ids but the input's are {id_type}; this output belongs "
+            "to another input. Use another output.path, or output.mode=overwrite"
+        )
+    return ids
 
 
 def _count_not_in(values: pa.ChunkedArray, others: pa.ChunkedArray) -> int:
@@ -105,47 +112,76 @@ def _kind(t: pa.DataType) -> str:
     return "integer" if pa.types.is_integer(t) else "string" if pa.types.is_string(t) or pa.types.is_large_string(t) else str(t)
 
 
-def reconcile(cfg: Config, id_type: pa.DataType) -> str | None:
-    """Make the checkpoint agree with the output; returns what was repaired, or None.
+def _blocks(checkpoints: list[str], data: list[str]) -> list[tuple[str | None, list[str]]]:
+    """(checkpoint file, the data files it lists) per block. Ray names a block's checkpoint after
+    its data files' common prefix; a data file without one (a checkpoint deleted) gets None, a
+    checkpoint without data files (its data deleted) gets []."""
+    by_base = {posixpath.basename(c)[: -len(".parquet")]: c for c in checkpoints}
+    blocks: dict[str, list[str]] = {c: [] for c in checkpoints}
+    orphans = []
+    for f in data:
+        name = posixpath.basename(f)  # "<base>.parquet", "<base>-1.parquet", ...: the longest base that prefixes it
+        cuts = (i for i in range(len(name), 0, -1) if name[i - 1] not in "-_." and (i == len(name) or name[i] in "-_."))
+        base = next((name[:i] for i in cuts if name[:i] in by_base), None)
+        if base is None:
+            orphans.append(f)
+        else:
+            blocks[by_base[base]].append(f)
+    return [*blocks.items(), *((None, [f]) for f in orphans)]
 
-    Data files that belong to a pending (uncommitted) checkpoint are left out: Ray deletes them
-    when the run starts, and their rows run again."""
+
+def reconcile(cfg: Config, id_type: pa.DataType, repeats_on_cluster: Callable[[list[str]], int]) -> str | None:
+    """Make the checkpoint agree with the output, block by block; returns what was repaired, or None.
+
+    The driver holds one block's ids at a time; whether two blocks repeat an id is counted on the
+    driver up to `input.driver_id_check_max_rows` output rows and by `repeats_on_cluster` (a Ray
+    Data aggregation) beyond. Data files of a pending (uncommitted) checkpoint are left out: Ray
+    deletes them when the run starts, and their rows run again."""
     id_col = cfg.input.columns.id
     ckpt_fs, root = fsspec_fs(checkpoint_path(cfg), cfg.storage)
-    committed, _ = _pending_prefixes(cfg)
     out_fs, _ = fsspec_fs(cfg.output.path, cfg.storage)
+    committed, _ = _pending_prefixes(cfg)
     data, _ = split_output(cfg)
-
-    checkpointed = _ids(ckpt_fs, committed, id_col)
-    written = _ids(out_fs, data, id_col)
-    for what, ids in (("checkpoint", checkpointed), ("output", written)):
-        if len(ids) and _kind(ids.type) != _kind(id_type):
-            raise JobError(
-                f"output.path: the existing {what} has {ids.type} ids but the input's are {id_type}; this output belongs "
-                "to another input. Use another output.path, or output.mode=overwrite"
-            )
-    repeated = len(written) - pc.count_distinct(written, mode="all").as_py() if len(written) else 0
+    lost = unlisted = rows = 0
+    seen: list[pa.Array] | None = []  # every output id while they fit the driver's bound
+    stale = []
+    for ckpt, files in _blocks(committed, data):
+        listed = _ids(ckpt_fs, [ckpt] if ckpt else [], id_col, "checkpoint", id_type)
+        written = _ids(out_fs, files, id_col, "output", id_type)
+        rows += len(written)
+        if seen is not None and rows <= cfg.input.driver_id_check_max_rows:
+            seen.extend(written.cast(id_type).chunks)
+        else:
+            seen = None
+        if len(written) and len(listed):
+            listed = listed.cast(written.type)
+        # Arrow's hash sets, not Python's: a block's ids cost their Arrow bytes.
+        missing, extra = _count_not_in(pc.unique(listed), written), _count_not_in(written, listed)
+        if missing or extra:
+            stale.append((ckpt, files))
+            lost, unlisted = lost + missing, unlisted + extra
+    if seen is not None:
+        repeated = rows - pc.count_distinct(pa.chunked_array(seen, id_type), mode="all").as_py() if rows else 0
+    else:
+        logger.info("output: checking %d ids for repeats on the cluster", rows)
+        repeated = repeats_on_cluster(data)
     if repeated:
         raise JobError(
             f"output.path: {repeated} rows of the existing output repeat an id (two runs wrote it at once?); "
             "remove the repeated files, or rerun with output.mode=overwrite"
         )
-    # Arrow's hash sets, not Python's: 10M ids cost their Arrow bytes (~200 MB), not GBs of objects.
-    if len(written) and len(checkpointed):
-        checkpointed = checkpointed.cast(written.type)
-    lost = _count_not_in(pc.unique(checkpointed), written)  # checkpointed, no output row: run again
-    unlisted = _count_not_in(written, checkpointed)  # in the output, not in the checkpoint: done
-    if not lost and not unlisted:
+    if not stale:
         return None
-    note = (f"checkpoint rebuilt from the output: {lost} checkpointed ids had no output row (they run "
-            f"again), {unlisted} output rows were missing from the checkpoint (they do not)")
-    # Write the new list first, then drop the old: a stop in between leaves a superset, which the
-    # next start reconciles again.
-    ids = pa.table({id_col: written.combine_chunks() if len(written) else pa.array([], id_type)})
     ckpt_fs.makedirs(root, exist_ok=True)
-    with open_atomic(ckpt_fs, posixpath.join(root, f"reconciled-{uuid.uuid4().hex}.parquet")) as f:
-        pq.write_table(ids, f)
-    for p in committed:
-        ckpt_fs.rm(p)
+    for ckpt, files in stale:  # each block's list replaced atomically: a stop leaves the rest to the next start
+        if not files:
+            ckpt_fs.rm(ckpt)
+            continue
+        ids = pa.table({id_col: _ids(out_fs, files, id_col, "output", id_type).combine_chunks()})
+        stem = posixpath.basename(files[0]).rsplit(".", 1)[0]
+        with open_atomic(ckpt_fs, ckpt or posixpath.join(root, f"{stem}.parquet")) as f:
+            pq.write_table(ids, f)
+    note = (f"checkpoint rebuilt from the output for {len(stale)} blocks: {lost} checkpointed ids had no output row "
+            f"(they run again), {unlisted} output rows were missing from the checkpoint (they do not)")
     logger.warning(note)
     return note

@@ -257,19 +257,31 @@ def write_output_file(fs, path: str, table) -> None:
             f.write(table.to_pandas().to_json(orient="records", lines=True).encode())
 
 
-def output_rows(url: str, storage: StorageConfig, columns: list[str], files: list[str] | None = None):
-    """`columns` of the job's output (or of the given files of it) as a pyarrow Table; empty when
-    there is none. Columns the files lack (older outputs have no `error_kind`) are left out."""
+def output_batches(url: str, storage: StorageConfig, columns: list[str], files: list[str] | None = None):
+    """`columns` of the job's output (or of the given files of it), one Arrow table per JSON
+    file or Parquet record batch: a caller that folds them holds one batch, however large the
+    output. Columns the files lack (older outputs have no `error_kind`) are left out."""
     import pyarrow as pa
 
     fs, _ = fsspec_fs(url, storage)
     files = output_files(url, storage) if files is None else files
-    if not files:
-        return pa.table({c: pa.array([], pa.int64()) for c in columns})
-    tables = [read_output_file(fs, f, columns) for f in files if not f.endswith(".parquet")]
     parquet = [f for f in files if f.endswith(".parquet")]
     if parquet:
         dataset = parquet_dataset(parquet, PyFileSystem(FSSpecHandler(fs)))
-        tables.insert(0, dataset.to_table(columns=[c for c in columns if c in dataset.schema.names]))
+        for batch in dataset.to_batches(columns=[c for c in columns if c in dataset.schema.names]):
+            yield pa.Table.from_batches([batch])
+    for f in files:
+        if not f.endswith(".parquet"):
+            yield read_output_file(fs, f, columns)
+
+
+def output_rows(url: str, storage: StorageConfig, columns: list[str], files: list[str] | None = None):
+    """`columns` of the job's output (or of the given files of it) as one pyarrow Table; empty
+    when there is none."""
+    import pyarrow as pa
+
+    tables = list(output_batches(url, storage, columns, files))
+    if not tables:
+        return pa.table({c: pa.array([], pa.int64()) for c in columns})
     # JSON files type an all-null column as null: promoted to the other files' type.
     return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]

@@ -1,0 +1,100 @@
+"""The resume reconcile, block by block, on outputs laid out as Ray Data writes them (one
+checkpoint file per block, named after its data file): plain calls, no job; the cluster-side
+repeat count on a local Ray."""
+
+from __future__ import annotations
+
+import posixpath
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import JobError
+from pipeline.readers import output_repeats
+from pipeline.resume import checkpoint_path, reconcile
+
+
+def _config(tmp_path: Path, **input_):
+    return load_config({"model": {"name": "any"}, "input": {"path": str(tmp_path / "in.parquet"), **input_},
+                        "output": {"path": str(tmp_path / "out")}})
+
+
+def _write(cfg, blocks: dict[str, list[str]], listed: dict[str, list[str]] | None = None) -> None:
+    """Data files `<base>-0.parquet` (one per block) and their committed checkpoints `<base>.parquet`
+    (what `listed` says, else the block's own ids)."""
+    out, ckpt = Path(cfg.output.path), Path(checkpoint_path(cfg))
+    out.mkdir(parents=True)
+    ckpt.mkdir(parents=True)
+    for base, ids in blocks.items():
+        pq.write_table(pa.table({"id": ids, "text": [f"t{i}" for i in ids]}), out / f"{base}-0.parquet")
+    for base, ids in (blocks if listed is None else listed).items():
+        pq.write_table(pa.table({"id": pa.array(ids, pa.string())}), ckpt / f"{base}.parquet")
+
+
+def _listed(cfg) -> dict[str, set]:
+    return {p.name: set(pq.read_table(p).column("id").to_pylist()) for p in sorted(Path(checkpoint_path(cfg)).glob("*.parquet"))}
+
+
+def _never(files):
+    raise AssertionError("the driver's bound was not reached: no cluster check")
+
+
+BLOCKS = {"w_000000": ["a", "b"], "w_000001": ["c", "d"], "w_000002": ["e"], "w_000010": ["f", "g"]}
+
+
+def test_an_output_that_agrees_with_its_checkpoint_is_left_alone(tmp_path):
+    cfg = _config(tmp_path)
+    _write(cfg, BLOCKS)
+    before = _listed(cfg)
+    assert reconcile(cfg, pa.string(), _never) is None
+    assert _listed(cfg) == before
+
+
+def test_each_damaged_block_is_rebuilt_from_its_own_data_file(tmp_path):
+    cfg = _config(tmp_path)
+    listed = {"w_000000": ["a", "b"], "w_000001": ["c"], "w_000002": ["e", "x"],  # d unlisted, x lost
+              "w_000099": ["y", "z"]}  # its data file deleted by hand; w_000010's checkpoint deleted
+    _write(cfg, BLOCKS, listed)
+    note = reconcile(cfg, pa.string(), _never)
+    assert note == ("checkpoint rebuilt from the output for 4 blocks: 3 checkpointed ids had no output row (they run "
+                    "again), 3 output rows were missing from the checkpoint (they do not)")
+    # every data file listed by the checkpoint Ray names after it, and nothing else listed
+    assert _listed(cfg) == {"w_000000.parquet": {"a", "b"}, "w_000001.parquet": {"c", "d"},
+                            "w_000002.parquet": {"e"}, "w_000010-0.parquet": {"f", "g"}}
+    assert reconcile(cfg, pa.string(), _never) is None  # and a second start finds nothing to repair
+
+
+def test_ids_repeated_across_blocks_are_one_line_on_the_driver(tmp_path):
+    cfg = _config(tmp_path)
+    _write(cfg, {**BLOCKS, "w_000003": ["b", "c"]})
+    with pytest.raises(JobError, match=r"^output.path: 2 rows of the existing output repeat an id"):
+        reconcile(cfg, pa.string(), _never)
+
+
+def test_another_inputs_output_is_one_line(tmp_path):
+    cfg = _config(tmp_path)
+    _write(cfg, BLOCKS)
+    with pytest.raises(JobError, match=r"^output.path: the existing checkpoint has string ids but the input's are int64"):
+        reconcile(cfg, pa.int64(), _never)
+
+
+def test_past_the_drivers_bound_repeats_are_counted_on_the_cluster(ray_local, tmp_path):
+    """driver_id_check_max_rows=3: the 7-row output's ids go to a Ray Data aggregation, over a
+    Parquet file and a JSON Lines file (a resumed output may hold both)."""
+    cfg = _config(tmp_path, driver_id_check_max_rows=3)
+    _write(cfg, BLOCKS)
+    asked = []
+
+    def on_cluster(files):
+        asked.append([posixpath.basename(f) for f in files])
+        return output_repeats(cfg, files, pa.string())
+
+    assert reconcile(cfg, pa.string(), on_cluster) is None
+    assert asked == [[f"{b}-0.parquet" for b in sorted(BLOCKS)]]
+
+    (Path(cfg.output.path) / "v_000000-0.json").write_text('{"id": "g", "text": "again"}\n{"id": "h", "text": "new"}\n')
+    with pytest.raises(JobError, match=r"^output.path: 1 rows of the existing output repeat an id"):
+        reconcile(cfg, pa.string(), on_cluster)
