@@ -7,6 +7,12 @@ a fresh process: (a) `inspect_input` with the ids on the driver (the default up 
 `input.duplicate_ids: trust` (the row count from the Parquet footers only). Reported: seconds of
 the check and the driver process's peak RSS (VmHWM) and its growth over the process after imports.
 
+The resume reconcile at the same scale: an output of N ids in blocks of 10,000 rows as Ray Data
+writes them (a data file and its checkpoint file per block), one block's checkpoint deleted.
+(d) every output and checkpoint id read on the driver, as the reconcile did before it went
+block by block; (e) `resume.reconcile` with the default bound (one block's ids at a time on the
+driver, the repeat count on the cluster).
+
     python benchmarks/ids.py [--rows 10000000] [--out benchmarks/results/ids.json]
 """
 
@@ -42,7 +48,7 @@ cfg = load_config({"model": {"name": "unused"}, "input": {"path": data, "duplica
 ray_s = 0.0
 if way == "cluster":
     t = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray_s = time.perf_counter() - t
 t = time.perf_counter()
@@ -52,6 +58,61 @@ print(json.dumps({"way": way, "seconds": round(seconds, 2), "ray_start_s": round
                   "dropped": plan.dropped_duplicates, "peak_rss_mib": round(hwm(), 1),
                   "growth_mib": round(hwm() - base, 1)}))
 """
+
+
+_RECONCILE = r"""
+import json, sys, time
+import pyarrow as pa
+import ray, ray.data
+from pipeline.config import load_config
+from pipeline.readers import output_repeats
+from pipeline.resume import checkpoint_path, reconcile
+from pipeline.storage import output_rows
+
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+way, out = sys.argv[1], sys.argv[2]
+base = hwm()
+cfg = load_config({"model": {"name": "unused"}, "input": {"path": out + "-in"}, "output": {"path": out}})
+ray_s = 0.0
+if way == "reconcile":
+    t = time.perf_counter()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray_s = time.perf_counter() - t
+t = time.perf_counter()
+if way == "all_ids":
+    ids = output_rows(out, cfg.storage, ["id"]).column(0)
+    listed = output_rows(checkpoint_path(cfg), cfg.storage, ["id"]).column(0)
+    rows, note = len(ids), pa.compute.count_distinct(ids).as_py() - len(listed)
+else:
+    note = reconcile(cfg, pa.string(), lambda files: output_repeats(cfg, files, pa.string()))
+    rows = None
+seconds = time.perf_counter() - t
+print(json.dumps({"way": way, "seconds": round(seconds, 2), "ray_start_s": round(ray_s, 2), "rows": rows,
+                  "note": note, "peak_rss_mib": round(hwm(), 1), "growth_mib": round(hwm() - base, 1)}))
+"""
+
+
+def write_output(folder: Path, rows: int, block: int = 10_000) -> Path:
+    """An output as Ray Data writes it: `<base>-0.parquet` per block and its checkpoint
+    `<base>.parquet` beside the output; the first block's checkpoint missing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out, ckpt = folder / "out", folder / "out.checkpoint"
+    out.mkdir()
+    ckpt.mkdir()
+    for k, start in enumerate(range(0, rows, block)):
+        ids = pa.array([f"row-{i:09d}" for i in range(start, min(rows, start + block))])
+        base = f"write_{k:06d}"
+        pq.write_table(pa.table({"id": ids, "text": pa.nulls(len(ids), pa.string())}), out / f"{base}-0.parquet")
+        if k:
+            pq.write_table(pa.table({"id": ids}), ckpt / f"{base}.parquet")
+    return out
 
 
 def write_ids(folder: Path, rows: int) -> None:
@@ -79,6 +140,13 @@ def main() -> None:
         results = []
         for way in ("driver", "cluster", "trust"):
             res = subprocess.run([sys.executable, "-c", _CHILD, way, str(data)], capture_output=True, text=True,
+                                 env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+            if res.returncode:
+                sys.exit(res.stderr[-3000:])
+            results.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        output = write_output(Path(tmp), args.rows)
+        for way in ("all_ids", "reconcile"):
+            res = subprocess.run([sys.executable, "-c", _RECONCILE, way, str(output)], capture_output=True, text=True,
                                  env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
             if res.returncode:
                 sys.exit(res.stderr[-3000:])

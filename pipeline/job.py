@@ -21,7 +21,7 @@ from .lease import Lease
 from .outputs import check_no_overlap, check_writable
 from .progress import Progress, Reporter, Tally, tally
 from .readers import open_input, output_repeats
-from .resume import checkpoint_path, drop_failed_rows, reconcile, split_output
+from .resume import checkpoint_path, drop_failed_rows, finish_commits, reconcile, split_output
 from .storage import arrow_fs, output_batches, remove_tree
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
         remove_tree(cfg.output.path, cfg.storage)
         remove_tree(checkpoint_path(cfg), cfg.storage)
     else:
+        finish_commits(cfg)
         if retry_failed:
             drop_failed_rows(cfg, None if retry_failed is True else list(retry_failed))
         reconcile(cfg, plan.id_type, lambda files: output_repeats(cfg, files, plan.id_type))

@@ -58,6 +58,25 @@ def _pending_prefixes(cfg: Config) -> tuple[list[str], tuple[str, ...]]:
     return [p for p in found if not p.endswith(PENDING)], pending
 
 
+def finish_commits(cfg: Config) -> int:
+    """Drop each pending checkpoint file whose committed twin exists; returns how many.
+
+    A commit renames `<base>.pending.parquet` to `<base>.parquet`; on an object store a rename is
+    a copy, then a delete, so a stop in between leaves both. The copy means the block's data file
+    was complete (Ray's own commit treats it as committed), but Ray's start deletes the data files
+    of every pending checkpoint: finishing the rename keeps that block instead of running it again."""
+    ckpt_fs, root = fsspec_fs(checkpoint_path(cfg), cfg.storage)
+    if not ckpt_fs.exists(root):
+        return 0
+    names = {posixpath.basename(p) for p in ckpt_fs.find(root)}
+    done = [n for n in names if n.endswith(PENDING) and n[: -len(PENDING)] + ".parquet" in names]
+    for name in done:
+        ckpt_fs.rm(posixpath.join(root, name))
+    if done:
+        logger.info("checkpoint: %d commits a stop interrupted after the copy were finished", len(done))
+    return len(done)
+
+
 def split_output(cfg: Config) -> tuple[list[str], list[str]]:
     """(committed, uncommitted) data files of the output. Uncommitted ones belong to a block whose
     checkpoint is still pending (a stop between the data file and its commit): Ray Data deletes

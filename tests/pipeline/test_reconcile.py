@@ -14,7 +14,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.errors import JobError
 from pipeline.readers import output_repeats
-from pipeline.resume import checkpoint_path, reconcile
+from pipeline.resume import checkpoint_path, finish_commits, reconcile, split_output
 
 
 def _config(tmp_path: Path, **input_):
@@ -98,3 +98,18 @@ def test_past_the_drivers_bound_repeats_are_counted_on_the_cluster(ray_local, tm
     (Path(cfg.output.path) / "v_000000-0.json").write_text('{"id": "g", "text": "again"}\n{"id": "h", "text": "new"}\n')
     with pytest.raises(JobError, match=r"^output.path: 1 rows of the existing output repeat an id"):
         reconcile(cfg, pa.string(), on_cluster)
+
+
+def test_a_commit_stopped_between_copy_and_delete_keeps_its_block(tmp_path):
+    """On S3 the commit's rename is a copy, then a delete: a stop in between leaves the committed
+    checkpoint beside the pending one. The block is committed; its data file stays, and nothing runs again."""
+    cfg = _config(tmp_path)
+    _write(cfg, BLOCKS)
+    ckpt = Path(checkpoint_path(cfg))
+    (ckpt / "w_000001.pending.parquet").write_bytes((ckpt / "w_000001.parquet").read_bytes())
+    (ckpt / "w_000002.parquet").rename(ckpt / "w_000002.pending.parquet")  # a stop before the copy: not committed
+    assert finish_commits(cfg) == 1
+    assert sorted(p.name for p in ckpt.iterdir()) == ["w_000000.parquet", "w_000001.parquet", "w_000002.pending.parquet",
+                                                       "w_000010.parquet"]
+    assert split_output(cfg)[1] == [str(Path(cfg.output.path) / "w_000002-0.parquet")]  # only that block runs again
+    assert reconcile(cfg, pa.string(), _never) is None
