@@ -108,7 +108,7 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
     progress = Progress(cfg, before, total=plan.rows - plan.dropped_duplicates, ignore=uncommitted)
     started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     try:
-        with Reporter(progress, cfg.observability.progress_interval_s):
+        with Reporter(progress, cfg.observability.progress_interval_s), plan.reader.reading():
             ds = build_dataset(cfg, plan)
             write = ds.write_json if cfg.output.format == "jsonl" else ds.write_parquet
             write(out_path, filesystem=out_fs)

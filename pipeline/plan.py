@@ -116,7 +116,8 @@ def plan_job(cfg: Config, sample: int | None = None) -> tuple[PlanReport, pa.Tab
     try:
         ds = input_rows(cfg, inputs.reader.dataset(inputs.columns, inputs.schema), inputs.repeated_ids)
         ds = ds.map_batches(PlanStage, **preprocess_kwargs(cfg, sample=chosen))
-        tables = ray.get(ds.to_arrow_refs())
+        with inputs.reader.reading():
+            tables = ray.get(ds.to_arrow_refs())
     finally:
         options.preserve_order = ordered
     id_field = inputs.schema.field(cfg.input.columns.id)

@@ -8,8 +8,10 @@ format is a Reader here (and, if its rows need it, a case in `Record.from_row`).
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -51,6 +53,12 @@ class Reader:
         """The Ray Data Dataset of `columns`, typed as `schema` says (the first file's types)."""
         raise NotImplementedError
 
+    @contextmanager
+    def reading(self):
+        """Settings Ray Data takes from this process while it reads this input (the job's and the
+        plan's execution runs inside)."""
+        yield
+
     def repeated_ids(self, column: str, schema: pa.Schema) -> list[tuple]:
         """(id, rows) of each id that repeats or is null, by a Ray Data hash aggregation on the
         cluster: the driver holds only those, however large the input."""
@@ -58,6 +66,10 @@ class Reader:
 
     def _unreadable(self, path: str, e: Exception) -> JobError:
         return JobError(f"input.path: {path} is not a readable {self.what} file: {str(e).strip().splitlines()[0]}")
+
+
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+FOOTER_FILES_PER_ACTOR = 128  # Ray's FooterReader reads 128 footers at once (its io_concurrency)
 
 
 class ParquetReader(Reader):
@@ -85,6 +97,21 @@ class ParquetReader(Reader):
         import ray
 
         return ray.data.read_parquet(self.files, filesystem=self.fs).select_columns(columns)
+
+    @contextmanager
+    def reading(self):
+        """Ray Data's Parquet reader reads the files' footers on a pool of actors, 32 by default
+        (sized for thousands of files): each a worker process started for every read, which on a
+        small input costs more than the read. One actor per FOOTER_FILES_PER_ACTOR files (each
+        reads that many at once); Ray reads the count from this process's environment."""
+        actors = str(min(32, -(-len(self.files) // FOOTER_FILES_PER_ACTOR)))
+        before = os.environ.get(FOOTER_ACTORS_ENV)
+        os.environ[FOOTER_ACTORS_ENV] = before or actors  # a user's own setting wins
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ[FOOTER_ACTORS_ENV]
 
 
 class _TextTableReader(Reader):

@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import logging
+import os
 
 import pytest
 
@@ -343,3 +344,22 @@ def test_webdataset_job_every_sample_once_bad_members_named(ray_local, tiny_llav
 @pytest.mark.slow
 def test_webdataset_job_killed_and_rerun_processes_only_the_missing_rows(ray_local, tiny_llava, tmp_path):
     _killed_and_rerun(tiny_llava, tmp_path, "webdataset", list(_shards(_local_put(tmp_path / "in"), 20, 2, bad=False)))
+
+
+@pytest.mark.parametrize("files, actors", [(1, "1"), (128, "1"), (129, "2"), (10_000, "32")])
+def test_parquet_footer_actors_follow_the_inputs_files(tmp_path, monkeypatch, files, actors):
+    """Ray Data's Parquet reader starts 32 footer-reading actors per read unless told otherwise:
+    while a job reads, one per 128 files (at most Ray's 32); a user's own setting wins; nothing is
+    left set after."""
+    from pipeline.readers import FOOTER_ACTORS_ENV, ParquetReader
+
+    monkeypatch.delenv(FOOTER_ACTORS_ENV, raising=False)
+    cfg = load_config({"model": {"name": "any"}, "input": {"path": str(tmp_path)}})
+    reader = ParquetReader(cfg, None, [f"part-{k}.parquet" for k in range(files)])
+    with reader.reading():
+        assert os.environ[FOOTER_ACTORS_ENV] == actors
+    assert FOOTER_ACTORS_ENV not in os.environ
+    monkeypatch.setenv(FOOTER_ACTORS_ENV, "7")
+    with reader.reading():
+        assert os.environ[FOOTER_ACTORS_ENV] == "7"
+    assert os.environ[FOOTER_ACTORS_ENV] == "7"
