@@ -6,7 +6,9 @@
   cpu actor  Checkpoint.load + the Preprocessor, after those imports (the CPU actor's constructor)
   model      Checkpoint.load + the engine's model load, after those imports (the model actor's)
   job        run_job once Ray and its worker pool are up (as offline.py times it); each committed
-             output file's mtime gives the first and the last block's commit
+             output file's mtime gives the first and the last block's commit; Ray's timeline
+             (`ray.timeline()`) when the file listing, the first read, each actor's constructor and
+             each stage's first batch ran
 Steady state: the rows after the first block over the time from the first commit to the last.
 Start-up: the job's wall minus N / steady rate. (a)/(b) at N is offline.py's; this splits its gap.
 
@@ -46,6 +48,9 @@ print(json.dumps({"imports_s": imports, "load_s": time.perf_counter() - t0}))
 
 _JOB = r"""
 import json, os, sys, time
+SPANS = {"list_files": "task::ListFiles", "first_read": "task::ReadFiles", "cpu_actor_constructor": "PreprocessStage)).__init__",
+         "model_actor_constructor": "GenerateStage)).__init__", "first_prepare": "PreprocessStage)).submit",
+         "first_generate": "GenerateStage)).submit", "first_write": "task::Write"}
 import ray
 from ray.data import DataContext
 from pipeline.cluster import local_cpus
@@ -64,8 +69,14 @@ summary = run_job(cfg)
 seconds = time.perf_counter() - t0
 out = cfg.output.path
 commits = sorted(os.path.getmtime(os.path.join(out, f)) - start_wall for f in os.listdir(out) if f.endswith(".parquet"))
+# Ray's own timeline: when each piece ran, from run_job's start (first span of each kind).
+spans = {}
+for e in sorted((e for e in ray.timeline() if e.get("ph") == "X"), key=lambda e: e["ts"]):
+    kind = next((k for k, part in SPANS.items() if part in e.get("cat", "")), None)
+    if kind and kind not in spans:
+        spans[kind] = [round(e["ts"] / 1e6 - start_wall, 2), round((e["ts"] + e["dur"]) / 1e6 - start_wall, 2)]
 print(json.dumps({"preflight_s": pre, "seconds": seconds, "rows": summary.rows_processed, "commits": commits,
-                  "rows_per_block": cfg.resources.rows_per_block}))
+                  "rows_per_block": cfg.resources.rows_per_block, "spans": spans}))
 """
 
 
@@ -105,6 +116,7 @@ def main() -> None:
         "model_actor_imports_s": round(model["imports_s"], 2), "model_load_s": round(model["load_s"], 2),
         "job_s": round(job["seconds"], 2), "first_commit_s": round(first, 2), "last_commit_s": round(last, 2),
         "steady_rows_per_s": round(steady, 3), "startup_s": round(startup, 2),
+        "spans_from_run_job_start": job["spans"],
         "job_rate_over_steady": round(job["rows"] / job["seconds"] / steady, 3),
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
