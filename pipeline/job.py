@@ -134,8 +134,8 @@ def summarize(cfg: Config, whole: Tally, run: Tally, seconds: float, dropped: in
     """Totals over the whole output; rates over the files this run wrote (a resumed run's
     earlier files are not its work)."""
     batches = output_batches(cfg.output.path, cfg.storage, ["model", "backend"], run.files)
-    ran = next((b.filter(pc.is_valid(b.column("backend"))).slice(0, 1).to_pylist() for b in batches
-                if "backend" in b.column_names and pc.any(pc.is_valid(b.column("backend"))).as_py()), [])
+    labelled = (b.filter(pc.is_valid(b.column("backend"))) for b in batches if "backend" in b.column_names)
+    ran = next((t.slice(0, 1).to_pylist() for t in labelled if t.num_rows), [])  # the first labelled row
     return JobSummary(
         output_path=cfg.output.path,
         rows_total=whole.rows,
