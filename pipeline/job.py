@@ -21,7 +21,7 @@ from .lease import Lease
 from .outputs import check_no_overlap, check_writable
 from .progress import Progress, Reporter, Tally, tally
 from .readers import open_input, output_repeats
-from .resume import checkpoint_path, drop_failed_rows, finish_commits, reconcile, split_output
+from .resume import all_done, checkpoint_path, drop_failed_rows, finish_commits, reconcile, split_output
 from .storage import arrow_fs, output_batches, remove_tree
 
 logger = logging.getLogger(__name__)
@@ -75,9 +75,6 @@ def preflight(cfg: Config) -> tuple[Checkpoint, InputPlan]:
 
 
 def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: bool | list[str], lease: Lease) -> JobSummary:
-    from ray.data import DataContext
-    from ray.data.checkpoint import CheckpointConfig
-
     if cfg.output.mode == "overwrite":
         remove_tree(cfg.output.path, cfg.storage)
         remove_tree(checkpoint_path(cfg), cfg.storage)
@@ -90,6 +87,39 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
     # (their rows run again): they are neither done before this run nor written by it.
     committed, uncommitted = split_output(cfg)
     before = tally(cfg, committed)
+    progress = Progress(cfg, before, total=plan.rows - plan.dropped_duplicates, ignore=uncommitted)
+    started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
+    if not uncommitted and _finished(cfg, plan, before):
+        # A finished job rerun (a RayJob retried after success, say): no actor starts, no model loads.
+        logger.info("output.path: every input id already has its output row; nothing to run")
+    else:
+        _execute(cfg, plan, lease, progress)
+    lease.check()  # taken over while the last blocks ran: another run owns the output now
+    seconds = time.perf_counter() - start
+    whole = before + progress.run
+    summary = summarize(cfg, whole, progress.run, seconds, plan.dropped_duplicates)
+    record = manifest.entry(cfg, checkpoint, started, seconds, whole, progress.run, summary.backend)
+    summary.manifest = manifest.append(cfg, record)
+    if cfg.observability.metrics_port:  # one more export, so a scrape sees the final counts
+        time.sleep(2 * METRICS_REPORT_S)
+    return summary
+
+
+def _finished(cfg: Config, plan: InputPlan, before: Tally) -> bool:
+    """Every input id has a committed output row: decided on the driver for inputs and outputs
+    within `input.driver_id_check_max_rows` (larger ones run, and Ray Data's checkpoint filter
+    passes nothing through)."""
+    bound = cfg.input.driver_id_check_max_rows
+    if before.rows < plan.rows - plan.dropped_duplicates or plan.rows > bound or before.rows > bound:
+        return False
+    return all_done(cfg, plan.reader.ids(cfg.input.columns.id), before.files)
+
+
+def _execute(cfg: Config, plan: InputPlan, lease: Lease, progress: Progress) -> None:
+    """The Dataset run: Ray Data's checkpointing keyed on the id column, the object-store budget,
+    and the output published through the lease's fence."""
+    from ray.data import DataContext
+    from ray.data.checkpoint import CheckpointConfig
 
     ctx = DataContext.get_current()
     ckpt_fs, ckpt_path = arrow_fs(checkpoint_path(cfg), cfg.storage)
@@ -105,8 +135,6 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
     ctx.execution_options.preserve_order = ordered or bool(plan.repeated_ids)
     ctx.execution_options.resource_limits = object_store_budget(cfg, limits)
     out_fs, out_path = arrow_fs(cfg.output.path, cfg.storage, fence=lease.fence())
-    progress = Progress(cfg, before, total=plan.rows - plan.dropped_duplicates, ignore=uncommitted)
-    started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     try:
         with Reporter(progress, cfg.observability.progress_interval_s), plan.reader.reading():
             ds = build_dataset(cfg, plan)
@@ -119,15 +147,6 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
         ctx.checkpoint_config = None
         ctx.execution_options.preserve_order = ordered
         ctx.execution_options.resource_limits = limits
-    lease.check()  # taken over while the last blocks ran: another run owns the output now
-    seconds = time.perf_counter() - start
-    whole = before + progress.run
-    summary = summarize(cfg, whole, progress.run, seconds, plan.dropped_duplicates)
-    record = manifest.entry(cfg, checkpoint, started, seconds, whole, progress.run, summary.backend)
-    summary.manifest = manifest.append(cfg, record)
-    if cfg.observability.metrics_port:  # one more export, so a scrape sees the final counts
-        time.sleep(2 * METRICS_REPORT_S)
-    return summary
 
 
 def summarize(cfg: Config, whole: Tally, run: Tally, seconds: float, dropped: int) -> JobSummary:

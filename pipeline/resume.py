@@ -204,3 +204,13 @@ def reconcile(cfg: Config, id_type: pa.DataType, repeats_on_cluster: Callable[[l
             f"(they run again), {unlisted} output rows were missing from the checkpoint (they do not)")
     logger.warning(note)
     return note
+
+
+def all_done(cfg: Config, input_ids: pa.ChunkedArray, committed: list[str]) -> bool:
+    """Whether every input id has a row in these committed output files (read on the driver: the
+    caller bounds their size)."""
+    out_fs, _ = fsspec_fs(cfg.output.path, cfg.storage)
+    written = _ids(out_fs, committed, cfg.input.columns.id, "output", input_ids.type)
+    if len(written):
+        input_ids = input_ids.cast(written.type)
+    return _count_not_in(pc.unique(input_ids), written) == 0

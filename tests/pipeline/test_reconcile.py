@@ -14,7 +14,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.errors import JobError
 from pipeline.readers import output_repeats
-from pipeline.resume import checkpoint_path, finish_commits, reconcile, split_output
+from pipeline.resume import all_done, checkpoint_path, finish_commits, reconcile, split_output
 
 
 def _config(tmp_path: Path, **input_):
@@ -113,3 +113,12 @@ def test_a_commit_stopped_between_copy_and_delete_keeps_its_block(tmp_path):
                                                        "w_000010.parquet"]
     assert split_output(cfg)[1] == [str(Path(cfg.output.path) / "w_000002-0.parquet")]  # only that block runs again
     assert reconcile(cfg, pa.string(), _never) is None
+
+
+def test_all_done_when_every_input_id_has_an_output_row(tmp_path):
+    cfg = _config(tmp_path)
+    _write(cfg, BLOCKS)
+    files = split_output(cfg)[0]
+    assert all_done(cfg, pa.chunked_array([["a", "g", "e", "a"]]), files)  # output rows of ids gone from the input are fine
+    assert not all_done(cfg, pa.chunked_array([["a", "z"]]), files)  # z: a new input row
+    assert not all_done(cfg, pa.chunked_array([["a"]]), files[1:])  # a's block not committed

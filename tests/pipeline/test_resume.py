@@ -72,7 +72,7 @@ def _wait_committed(cfg, proc, n: int) -> None:
         time.sleep(0.1)
 
 
-def test_a_killed_job_rerun_at_once_resumes_where_it_stopped(ray_local, tiny_llava, tmp_path):
+def test_a_killed_job_rerun_at_once_resumes_where_it_stopped(ray_local, tiny_llava, tmp_path, caplog):
     """SIGKILL of the whole job tree (an OOM kill, a lost pod), then an immediate rerun: its lease
     names a dead process on this machine, so the rerun takes it over without waiting."""
     path, cfg = _config(tiny_llava, tmp_path, 48)
@@ -93,8 +93,10 @@ def test_a_killed_job_rerun_at_once_resumes_where_it_stopped(ray_local, tiny_lla
     assert summary.rows_processed == 48 - len(done)  # only what was missing
     _assert_counts_equal_output(cfg, summary)
 
-    again = run_job(cfg)  # a finished job: nothing left to do
+    with caplog.at_level("INFO", logger="pipeline.job"):
+        again = run_job(cfg)  # a finished job: nothing left to do, and no actor is started for it
     assert again.rows_processed == 0 and again.rows_total == 48
+    assert "output.path: every input id already has its output row; nothing to run" in caplog.messages
 
 
 def test_a_job_that_lost_its_lease_stops_and_every_row_is_written_once(ray_local, tiny_llava, tmp_path):
