@@ -26,31 +26,38 @@ import sys
 import tempfile
 from pathlib import Path
 
-_CHILD = r"""
+# Both children: the driver's peak RSS (VmHWM) and, for the cluster ways, a local Ray timed apart.
+_PRELUDE = r"""
 import json, sys, time
-import pyarrow
+import pyarrow as pa
 import ray, ray.data
 from pipeline.config import load_config
-from pipeline.inputs import check_ids_on_cluster, inspect_input
-from pipeline.readers import open_input
 
 def hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
 
-way, data = sys.argv[1], sys.argv[2]
+def start_ray():
+    t = time.perf_counter()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return time.perf_counter() - t
+
+way = sys.argv[1]
 base = hwm()
+"""
+
+_CHILD = _PRELUDE + r"""
+from pipeline.inputs import check_ids_on_cluster, inspect_input
+from pipeline.readers import open_input
+
+data = sys.argv[2]
 extra = {"driver": {"driver_id_check_max_rows": 10**12}, "cluster": {"driver_id_check_max_rows": 0},
          "trust": {"duplicate_ids": "trust"}}[way]
 cfg = load_config({"model": {"name": "unused"}, "input": {"path": data, "duplicate_ids": "keep_first", **extra},
                    "output": {"path": data + "-out"}})
-ray_s = 0.0
-if way == "cluster":
-    t = time.perf_counter()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ray_s = time.perf_counter() - t
+ray_s = start_ray() if way == "cluster" else 0.0
 t = time.perf_counter()
 plan = check_ids_on_cluster(cfg, inspect_input(cfg, open_input(cfg)))
 seconds = time.perf_counter() - t
@@ -60,29 +67,14 @@ print(json.dumps({"way": way, "seconds": round(seconds, 2), "ray_start_s": round
 """
 
 
-_RECONCILE = r"""
-import json, sys, time
-import pyarrow as pa
-import ray, ray.data
-from pipeline.config import load_config
+_RECONCILE = _PRELUDE + r"""
 from pipeline.readers import output_repeats
 from pipeline.resume import checkpoint_path, reconcile
 from pipeline.storage import output_rows
 
-def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-
-way, out = sys.argv[1], sys.argv[2]
-base = hwm()
+out = sys.argv[2]
 cfg = load_config({"model": {"name": "unused"}, "input": {"path": out + "-in"}, "output": {"path": out}})
-ray_s = 0.0
-if way == "reconcile":
-    t = time.perf_counter()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ray_s = time.perf_counter() - t
+ray_s = start_ray() if way == "reconcile" else 0.0
 t = time.perf_counter()
 if way == "all_ids":
     ids = output_rows(out, cfg.storage, ["id"]).column(0)
