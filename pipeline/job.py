@@ -6,6 +6,7 @@ import datetime as dt
 import logging
 import time
 
+import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel
 
@@ -78,18 +79,20 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
     if cfg.output.mode == "overwrite":
         remove_tree(cfg.output.path, cfg.storage)
         remove_tree(checkpoint_path(cfg), cfg.storage)
+        output_ids = None
     else:
         finish_commits(cfg)
         if retry_failed:
             drop_failed_rows(cfg, None if retry_failed is True else list(retry_failed))
-        reconcile(cfg, plan.id_type, lambda files: output_repeats(cfg, files, plan.id_type))
+        # every committed output id, when reconcile read them within the driver's bound (else None)
+        output_ids = reconcile(cfg, plan.id_type, lambda files: output_repeats(cfg, files, plan.id_type)).output_ids
     # Data files of a block whose commit a stop interrupted are deleted by Ray Data at start
     # (their rows run again): they are neither done before this run nor written by it.
     committed, uncommitted = split_output(cfg)
     before = tally(cfg, committed)
     progress = Progress(cfg, before, total=plan.rows - plan.dropped_duplicates, ignore=uncommitted)
     started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
-    if not uncommitted and _finished(cfg, plan, before):
+    if not uncommitted and _finished(cfg, plan, output_ids):
         # A finished job rerun (a RayJob retried after success, say): no actor starts, no model loads.
         logger.info("output.path: every input id already has its output row; nothing to run")
     else:
@@ -105,14 +108,13 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
     return summary
 
 
-def _finished(cfg: Config, plan: InputPlan, before: Tally) -> bool:
+def _finished(cfg: Config, plan: InputPlan, output_ids: pa.ChunkedArray | None) -> bool:
     """Every input id has a committed output row: decided on the driver for inputs and outputs
     within `input.driver_id_check_max_rows` (larger ones run, and Ray Data's checkpoint filter
     passes nothing through)."""
-    bound = cfg.input.driver_id_check_max_rows
-    if before.rows < plan.rows - plan.dropped_duplicates or plan.rows > bound or before.rows > bound:
+    if output_ids is None or len(output_ids) < plan.rows - plan.dropped_duplicates:
         return False
-    return all_done(cfg, plan.reader.ids(cfg.input.columns.id), before.files)
+    return plan.rows <= cfg.input.driver_id_check_max_rows and all_done(plan.reader.ids(cfg.input.columns.id), output_ids)
 
 
 def _execute(cfg: Config, plan: InputPlan, lease: Lease, progress: Progress) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -149,13 +149,19 @@ def _blocks(checkpoints: list[str], data: list[str]) -> list[tuple[str | None, l
     return [*blocks.items(), *((None, [f]) for f in orphans)]
 
 
-def reconcile(cfg: Config, id_type: pa.DataType, repeats_on_cluster: Callable[[list[str]], int]) -> str | None:
-    """Make the checkpoint agree with the output, block by block; returns what was repaired, or None.
+class Reconciled(NamedTuple):
+    note: str | None  # what was repaired, or None
+    output_ids: pa.ChunkedArray | None  # every committed output id; None past the driver's bound
+
+
+def reconcile(cfg: Config, id_type: pa.DataType, repeats_on_cluster: Callable[[list[str]], int]) -> Reconciled:
+    """Make the checkpoint agree with the output, block by block.
 
     The driver holds one block's ids at a time; whether two blocks repeat an id is counted on the
-    driver up to `input.driver_id_check_max_rows` output rows and by `repeats_on_cluster` (a Ray
-    Data aggregation) beyond. Data files of a pending (uncommitted) checkpoint are left out: Ray
-    deletes them when the run starts, and their rows run again."""
+    driver up to `input.driver_id_check_max_rows` output rows (those ids are returned, for
+    `all_done`) and by `repeats_on_cluster` (a Ray Data aggregation) beyond. Data files of a
+    pending (uncommitted) checkpoint are left out: Ray deletes them when the run starts, and their
+    rows run again."""
     id_col = cfg.input.columns.id
     ckpt_fs, root = fsspec_fs(checkpoint_path(cfg), cfg.storage)
     out_fs, _ = fsspec_fs(cfg.output.path, cfg.storage)
@@ -179,8 +185,9 @@ def reconcile(cfg: Config, id_type: pa.DataType, repeats_on_cluster: Callable[[l
         if missing or extra:
             stale.append((ckpt, files))
             lost, unlisted = lost + missing, unlisted + extra
-    if seen is not None:
-        repeated = rows - pc.count_distinct(pa.chunked_array(seen, id_type), mode="all").as_py() if rows else 0
+    output_ids = None if seen is None else pa.chunked_array(seen, id_type)
+    if output_ids is not None:
+        repeated = rows - pc.count_distinct(output_ids, mode="all").as_py() if rows else 0
     else:
         logger.info("output: checking %d ids for repeats on the cluster", rows)
         repeated = repeats_on_cluster(data)
@@ -190,7 +197,7 @@ def reconcile(cfg: Config, id_type: pa.DataType, repeats_on_cluster: Callable[[l
             "remove the repeated files, or rerun with output.mode=overwrite"
         )
     if not stale:
-        return None
+        return Reconciled(None, output_ids)
     ckpt_fs.makedirs(root, exist_ok=True)
     for ckpt, files in stale:  # each block's list replaced atomically: a stop leaves the rest to the next start
         if not files:
@@ -203,14 +210,9 @@ def reconcile(cfg: Config, id_type: pa.DataType, repeats_on_cluster: Callable[[l
     note = (f"checkpoint rebuilt from the output for {len(stale)} blocks: {lost} checkpointed ids had no output row "
             f"(they run again), {unlisted} output rows were missing from the checkpoint (they do not)")
     logger.warning(note)
-    return note
+    return Reconciled(note, output_ids)
 
 
-def all_done(cfg: Config, input_ids: pa.ChunkedArray, committed: list[str]) -> bool:
-    """Whether every input id has a row in these committed output files (read on the driver: the
-    caller bounds their size)."""
-    out_fs, _ = fsspec_fs(cfg.output.path, cfg.storage)
-    written = _ids(out_fs, committed, cfg.input.columns.id, "output", input_ids.type)
-    if len(written):
-        input_ids = input_ids.cast(written.type)
-    return _count_not_in(pc.unique(input_ids), written) == 0
+def all_done(input_ids: pa.ChunkedArray, output_ids: pa.ChunkedArray) -> bool:
+    """Whether every input id has a committed output row (`Reconciled.output_ids`)."""
+    return _count_not_in(pc.unique(input_ids.cast(output_ids.type)), output_ids) == 0

@@ -121,13 +121,13 @@ def test_run_prints_the_summary_and_keep_first_keeps_the_first_in_input_order(tm
     assert {i: r["src"] for i, r in out.items()} == {100: "f0", 7: "first", **{f: f"f{f}" for f in range(6)}}
 
 
-@pytest.mark.slow
 def _as_a_background_job():
     """What a shell does to a command started with `&` (and nohup users get): SIGINT ignored,
     inherited; Python then installs no KeyboardInterrupt handler of its own."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_serve_answers_until_interrupted(tmp_path, tiny_llava):
     """Answers, then stops on SIGINT and exits 0, even started as a background job."""

@@ -49,7 +49,7 @@ def test_an_output_that_agrees_with_its_checkpoint_is_left_alone(tmp_path):
     cfg = _config(tmp_path)
     _write(cfg, BLOCKS)
     before = _listed(cfg)
-    assert reconcile(cfg, pa.string(), _never) is None
+    assert reconcile(cfg, pa.string(), _never).note is None
     assert _listed(cfg) == before
 
 
@@ -58,13 +58,13 @@ def test_each_damaged_block_is_rebuilt_from_its_own_data_file(tmp_path):
     listed = {"w_000000": ["a", "b"], "w_000001": ["c"], "w_000002": ["e", "x"],  # d unlisted, x lost
               "w_000099": ["y", "z"]}  # its data file deleted by hand; w_000010's checkpoint deleted
     _write(cfg, BLOCKS, listed)
-    note = reconcile(cfg, pa.string(), _never)
+    note = reconcile(cfg, pa.string(), _never).note
     assert note == ("checkpoint rebuilt from the output for 4 blocks: 3 checkpointed ids had no output row (they run "
                     "again), 3 output rows were missing from the checkpoint (they do not)")
     # every data file listed by the checkpoint Ray names after it, and nothing else listed
     assert _listed(cfg) == {"w_000000.parquet": {"a", "b"}, "w_000001.parquet": {"c", "d"},
                             "w_000002.parquet": {"e"}, "w_000010-0.parquet": {"f", "g"}}
-    assert reconcile(cfg, pa.string(), _never) is None  # and a second start finds nothing to repair
+    assert reconcile(cfg, pa.string(), _never).note is None  # and a second start finds nothing to repair
 
 
 def test_ids_repeated_across_blocks_are_one_line_on_the_driver(tmp_path):
@@ -92,7 +92,7 @@ def test_past_the_drivers_bound_repeats_are_counted_on_the_cluster(ray_local, tm
         asked.append([posixpath.basename(f) for f in files])
         return output_repeats(cfg, files, pa.string())
 
-    assert reconcile(cfg, pa.string(), on_cluster) is None
+    assert reconcile(cfg, pa.string(), on_cluster) == (None, None)  # past the bound: no ids kept on the driver
     assert asked == [[f"{b}-0.parquet" for b in sorted(BLOCKS)]]
 
     (Path(cfg.output.path) / "v_000000-0.json").write_text('{"id": "g", "text": "again"}\n{"id": "h", "text": "new"}\n')
@@ -112,13 +112,17 @@ def test_a_commit_stopped_between_copy_and_delete_keeps_its_block(tmp_path):
     assert sorted(p.name for p in ckpt.iterdir()) == ["w_000000.parquet", "w_000001.parquet", "w_000002.pending.parquet",
                                                        "w_000010.parquet"]
     assert split_output(cfg)[1] == [str(Path(cfg.output.path) / "w_000002-0.parquet")]  # only that block runs again
-    assert reconcile(cfg, pa.string(), _never) is None
+    assert reconcile(cfg, pa.string(), _never).note is None
 
 
 def test_all_done_when_every_input_id_has_an_output_row(tmp_path):
+    """Within the driver's bound reconcile returns every committed output id: a finished job's
+    rerun is decided from those, without reading the output again."""
     cfg = _config(tmp_path)
     _write(cfg, BLOCKS)
-    files = split_output(cfg)[0]
-    assert all_done(cfg, pa.chunked_array([["a", "g", "e", "a"]]), files)  # output rows of ids gone from the input are fine
-    assert not all_done(cfg, pa.chunked_array([["a", "z"]]), files)  # z: a new input row
-    assert not all_done(cfg, pa.chunked_array([["a"]]), files[1:])  # a's block not committed
+    (Path(checkpoint_path(cfg)) / "w_000000.parquet").rename(Path(checkpoint_path(cfg)) / "w_000000.pending.parquet")
+    written = reconcile(cfg, pa.string(), _never).output_ids
+    assert sorted(written.to_pylist()) == ["c", "d", "e", "f", "g"]  # a and b's block is not committed
+    assert all_done(pa.chunked_array([["c", "g", "e", "c"]]), written)  # output rows of ids gone from the input are fine
+    assert not all_done(pa.chunked_array([["c", "z"]]), written)  # z: a new input row
+    assert not all_done(pa.chunked_array([["a"]]), written)
