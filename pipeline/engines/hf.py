@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from typing import Iterator
@@ -172,16 +173,14 @@ class HFEngine(EngineLabels):
 
     def close(self) -> None:
         """Drop the model's weights now (the process may live on: a replica being replaced)."""
-        import gc
-
-        import torch
-
         with self._lock:  # after any generation in flight
             if self.model is None:
                 return
             self.model = None
         gc.collect()
         if self.device == "cuda":
+            import torch
+
             torch.cuda.empty_cache()
         logger.info("closed %s", self.model_name)
 

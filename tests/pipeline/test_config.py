@@ -79,9 +79,10 @@ def test_every_key_takes_any_value_or_refuses_it_in_one_line_naming_it():
     assert base == {"model": {"name": "m"}, "input": {"path": "in.parquet"}, "output": {"path": "out"}}  # not changed
 
 
-def test_input_and_output_values_are_refused_before_ray_in_one_line(tiny_llava, tmp_path):
+def test_input_and_output_values_are_refused_before_ray_in_one_line(tiny_llava, tmp_path, monkeypatch):
     """The same odd values for the input/output/storage keys, through every check a job makes
     before Ray starts (`job.preflight`): accepted, or one line (never a traceback)."""
+    from pipeline import job
     from pipeline.config import Config
     from pipeline.errors import JobError
     from pipeline.job import preflight
@@ -89,8 +90,13 @@ def test_input_and_output_values_are_refused_before_ray_in_one_line(tiny_llava, 
 
     inp = write_parquet(tmp_path / "in.parquet", [{"id": 1, "image": resized("coffee", 64, 64)}])
     base = {"model": {"name": tiny_llava}, "input": {"path": inp}, "output": {"path": str(tmp_path / "out")}}
+    # The model is not what varies here: its checks run once, not once per value (~240 loads).
+    checkpoint = job.check_environment(load_config(base))
+    monkeypatch.setattr(job, "check_environment", lambda cfg: checkpoint)
     for key in [k for k in _leaf_keys(Config) if k.startswith(("input.", "output.", "storage."))]:
-        for value in ["[]", "''", "'s3://'", "'/'", "x", "null", "[1]", "'*'"]:
+        # '/' as an input is a folder like any other, walked whole: this machine's every file.
+        odd = ["[]", "''", "'s3://'", "x", "null", "[1]", "'*'"] + (["'/'"] if not key.startswith("input.") else [])
+        for value in odd:
             try:
                 preflight(load_config(base, [f"{key}={value}"]))
             except (ConfigError, JobError) as e:
