@@ -30,6 +30,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -171,6 +172,10 @@ class TreeSampler(threading.Thread):
         self.interval_s = interval_s
         self.done = threading.Event()
         self.peak_rss = self.peak_pss = 0
+        # Ray's object store lives in /dev/shm: its pages in use, counted once (each process that
+        # mapped a page also counts it in its own RSS).
+        self.shm_base = shutil.disk_usage("/dev/shm").used
+        self.peak_store = 0
         self.procs: dict[int, dict] = {}  # pid -> title, peak_pss, cpu_s
 
     def run(self) -> None:
@@ -191,6 +196,7 @@ class TreeSampler(threading.Thread):
                 seen = self.procs.setdefault(p.pid, {"peak_pss": 0})
                 seen.update(title=title, cpu_s=cpu, peak_pss=max(pss, seen["peak_pss"]))
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss_sum), max(self.peak_pss, pss_sum)
+            self.peak_store = max(self.peak_store, shutil.disk_usage("/dev/shm").used - self.shm_base)
             self.done.wait(self.interval_s)
 
     def cpu_by_title(self) -> dict[str, float]:
@@ -260,6 +266,7 @@ def run_job_measured(cfg: Config) -> dict:
         "completion_tokens_mean": round(s["generated_tokens"] / rows, 1),
         "peak_rss_mb": _mb(sampler.peak_rss),
         "peak_pss_mb": _mb(sampler.peak_pss),
+        "peak_object_store_mb": _mb(sampler.peak_store),
         "largest_processes": sampler.largest(),
         "cpu_s_by_process": {k: round(v, 1) for k, v in sorted(sampler.cpu_by_title().items(), key=lambda kv: -kv[1])},
     }
@@ -472,12 +479,15 @@ def plateau(n: int, out: str) -> dict:
         "rss_40n_over_10n": round(runs["capped_40n"]["peak_rss_mb"] / runs["capped_10n"]["peak_rss_mb"], 3),
         "uncapped_rss_40n_over_capped_40n": round(runs["uncapped_40n"]["peak_rss_mb"] / runs["capped_40n"]["peak_rss_mb"], 3),
         "rate_capped_over_uncapped_40n": round(runs["capped_40n"]["rec_per_s"] / runs["uncapped_40n"]["rec_per_s"], 3),
+        "pss_40n_over_10n": round(runs["capped_40n"]["peak_pss_mb"] / runs["capped_10n"]["peak_pss_mb"], 3),
+        "object_store_40n_over_10n": round(runs["capped_40n"]["peak_object_store_mb"] / runs["capped_10n"]["peak_object_store_mb"], 3),
     }
     Path(out).write_text(json.dumps(report, indent=2) + "\n")
-    print("| run | rows | rows/s | peak RSS MB | peak PSS MB |\n| --- | ---: | ---: | ---: | ---: |")
+    print("| run | rows | rows/s | peak RSS MB | peak PSS MB | object store MB |\n| --- | ---: | ---: | ---: | ---: | ---: |")
     for label, r in runs.items():
-        print(f"| {label} | {r['rows']} | {r['rec_per_s']} | {r['peak_rss_mb']} | {r['peak_pss_mb']} |")
-    print({k: report[k] for k in ("rss_40n_over_10n", "uncapped_rss_40n_over_capped_40n", "rate_capped_over_uncapped_40n")})
+        print(f"| {label} | {r['rows']} | {r['rec_per_s']} | {r['peak_rss_mb']} | {r['peak_pss_mb']} | {r['peak_object_store_mb']} |")
+    print({k: report[k] for k in ("rss_40n_over_10n", "pss_40n_over_10n", "object_store_40n_over_10n",
+                                  "uncapped_rss_40n_over_capped_40n", "rate_capped_over_uncapped_40n")})
     return report
 
 
