@@ -73,6 +73,7 @@ class InputPlan:
     dropped_duplicates: int  # rows that repeat an earlier id (input.duplicate_ids: keep_first)
     repeated_ids: list  # the ids that repeat (for the drop stage)
     ids_checked: bool = True  # False: left to check_ids_on_cluster (a large input)
+    ids: pa.ChunkedArray | None = None  # the ids the driver's check read (None: not read there)
 
 
 def _check_types(cfg: Config, files: list[str], schemas: list[pa.Schema]) -> list[str]:
@@ -166,9 +167,10 @@ def inspect_input(cfg: Config, reader: Reader) -> InputPlan:
     rows = reader.count()
     trust = cfg.input.duplicate_ids == "trust"
     on_driver = not trust and rows <= cfg.input.driver_id_check_max_rows
-    dropped, repeated = _verdict(cfg, _repeats(reader.ids(cfg.input.columns.id))) if on_driver else (0, [])
+    ids = reader.ids(cfg.input.columns.id) if on_driver else None
+    dropped, repeated = _verdict(cfg, _repeats(ids)) if on_driver else (0, [])
     return InputPlan(reader=reader, columns=columns, schema=schema, id_type=schema.field(cfg.input.columns.id).type,
-                     rows=rows, dropped_duplicates=dropped, repeated_ids=repeated, ids_checked=trust or on_driver)
+                     rows=rows, dropped_duplicates=dropped, repeated_ids=repeated, ids_checked=trust or on_driver, ids=ids)
 
 
 def check_ids_on_cluster(cfg: Config, plan: InputPlan) -> InputPlan:

@@ -92,7 +92,7 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
     before = tally(cfg, committed)
     progress = Progress(cfg, before, total=plan.rows - plan.dropped_duplicates, ignore=uncommitted)
     started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
-    if not uncommitted and _finished(cfg, plan, output_ids):
+    if not uncommitted and _finished(plan, output_ids):
         # A finished job rerun (a RayJob retried after success, say): no actor starts, no model loads.
         logger.info("output.path: every input id already has its output row; nothing to run")
     else:
@@ -108,13 +108,13 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
     return summary
 
 
-def _finished(cfg: Config, plan: InputPlan, output_ids: pa.ChunkedArray | None) -> bool:
-    """Every input id has a committed output row: decided on the driver for inputs and outputs
-    within `input.driver_id_check_max_rows` (larger ones run, and Ray Data's checkpoint filter
-    passes nothing through)."""
-    if output_ids is None or len(output_ids) < plan.rows - plan.dropped_duplicates:
+def _finished(plan: InputPlan, output_ids: pa.ChunkedArray | None) -> bool:
+    """Every input id has a committed output row: decided on the driver with the ids its input and
+    output checks already read, within `input.driver_id_check_max_rows` (a larger input or output,
+    or `duplicate_ids: trust`, runs, and Ray Data's checkpoint filter passes nothing through)."""
+    if plan.ids is None or output_ids is None or len(output_ids) < plan.rows - plan.dropped_duplicates:
         return False
-    return plan.rows <= cfg.input.driver_id_check_max_rows and all_done(plan.reader.ids(cfg.input.columns.id), output_ids)
+    return all_done(plan.ids, output_ids)
 
 
 def _execute(cfg: Config, plan: InputPlan, lease: Lease, progress: Progress) -> None:

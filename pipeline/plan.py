@@ -130,7 +130,7 @@ def _sample(cfg: Config, inputs: InputPlan, n: int) -> list:
     """`n` distinct ids drawn uniformly (seeded: plan.seed), as Python values."""
     if n < 1:
         raise ConfigError("--sample", f"{n}: sample at least one row")
-    ids = pc.unique(inputs.reader.ids(cfg.input.columns.id))
+    ids = pc.unique(inputs.ids if inputs.ids is not None else inputs.reader.ids(cfg.input.columns.id))  # read once
     picked = np.random.default_rng(cfg.plan.seed).choice(len(ids), size=n, replace=False)
     return ids.take(pa.array(np.sort(picked))).to_pylist()
 
