@@ -56,9 +56,10 @@ def run_job(cfg: Config, *, retry_failed: bool | list[str] = False) -> JobSummar
     lease, then run. `retry_failed`: rerun failed rows first (True: all; a list: those error
     kinds). ARCHITECTURE.md, "Job start, resume and the one writer", says what a rerun does."""
     checkpoint, plan = preflight(cfg)
-    init_ray(cfg)
-    plan = check_ids_on_cluster(cfg, plan)  # a large input's ids: before the output is touched
+    # The lease before Ray: a second run on a held output refuses (or waits) without starting one.
     with Lease(cfg) as lease:
+        init_ray(cfg)
+        plan = check_ids_on_cluster(cfg, plan)  # a large input's ids: before the output is touched
         return _run(cfg, plan, checkpoint, retry_failed, lease)
 
 

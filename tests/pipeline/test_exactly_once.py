@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from ray._common.utils import get_default_ray_temp_dir
 
 from pipeline.config import load_config
 from pipeline.errors import JobError
@@ -49,12 +50,16 @@ def test_a_second_run_on_the_same_output_refuses_and_the_first_finishes(ray_loca
     while not lease.exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert lease.exists(), first.communicate()[1][-2000:]
-    second = subprocess.run([sys.executable, "-m", "pipeline", "run", str(path), "--set", "output.lease_wait_s=0"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=240)
+    second = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path), "--set", "output.lease_wait_s=0"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, stderr = second.communicate(timeout=240)
     holder = json.loads(lease.read_text())["owner"]
     assert second.returncode == 1
-    lines = second.stderr.strip().splitlines()
+    lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: output.path: another run is writing this output ({holder}, heartbeat "), lines
+    # refused before Ray starts: no Ray session of its own (Ray names a session after the pid that started it)
+    sessions = lambda pid: list(Path(get_default_ray_temp_dir()).glob(f"session_*_{pid}"))  # noqa: E731
+    assert sessions(first.pid) and not sessions(second.pid)
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     out = read_output(cfg.output.path)  # asserts every id once
     assert len(out) == 24 and _rows(cfg) == 24
