@@ -69,6 +69,27 @@ def cli(*args, cwd=ROOT, timeout=240, env=None):
                           timeout=timeout, env=env)
 
 
+def cli_here(*args) -> subprocess.CompletedProcess:
+    """`llava-ray ARGS` in this process (`pipeline.cli.main`), for a test of what a command prints
+    rather than of its process (`cli` runs those): a job joins the session's Ray (`ray_local`)
+    instead of starting and stopping one of its own (~10 s a run on two cores)."""
+    import contextlib
+    import io
+    import logging
+
+    from pipeline.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    progress = logging.getLogger("pipeline.progress")
+    level = progress.level  # main() sets it for the process: given back for the tests after this one
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        progress.setLevel(level)
+    return subprocess.CompletedProcess(["llava-ray", *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory) -> str:
     from pipeline.tiny import build_tiny_checkpoint

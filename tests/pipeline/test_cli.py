@@ -10,7 +10,7 @@ import pytest
 import transformers as tf
 import yaml
 
-from tests.conftest import ROOT, cli, read_output, resized, write_parquet
+from tests.conftest import ROOT, cli, cli_here, read_output, resized, write_parquet
 
 
 def test_check_config_cli_exit_codes(tmp_path, tiny_llava):
@@ -94,7 +94,7 @@ def test_run_exit_codes_and_one_line_errors(tmp_path, tiny_llava):
 
 
 @pytest.mark.slow
-def test_run_prints_the_summary_and_keep_first_keeps_the_first_in_input_order(tmp_path, tiny_llava):
+def test_run_prints_the_summary_and_keep_first_keeps_the_first_in_input_order(ray_local, tmp_path, tiny_llava):
     """Six files (sorted by path) all hold id 100, and the first also repeats id 7 within itself:
     the rows kept are the first occurrences in the input's order, whatever order Ray reads in."""
     (tmp_path / "in").mkdir()
@@ -111,7 +111,7 @@ def test_run_prints_the_summary_and_keep_first_keeps_the_first_in_input_order(tm
         "output": {"path": str(tmp_path / "out")},
     }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
-    res = cli("run", str(tmp_path / "job.yaml"), timeout=600)
+    res = cli_here("run", str(tmp_path / "job.yaml"))  # the demo's test runs `run` as a process
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
     assert lines[0] == "rows ok: 8  rows failed: 0  (total 8, processed this run 8, dropped duplicates 6)"

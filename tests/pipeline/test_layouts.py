@@ -12,7 +12,7 @@ from pipeline.config import load_config
 from pipeline.image_facts import ImageFacts
 from pipeline.layouts import LAYOUTS
 from pipeline.tiny import build_tiny_checkpoint
-from tests.conftest import cli, free_port, read_output, reference, resized, write_parquet
+from tests.conftest import ROOT, cli_here, free_port, read_output, reference, resized, write_parquet
 
 NAMES = [spec.short_name for spec in LAYOUTS.values()]
 MAX_NEW = 10
@@ -56,7 +56,7 @@ def test_each_layout_is_its_real_structure(checkpoints, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_check_config_describes_the_layout(checkpoints, name):
     spec = next(s for s in LAYOUTS.values() if s.short_name == name)
-    res = cli("check-config", "configs/demo.yaml", "--set", f"model.name={checkpoints[name]}")
+    res = cli_here("check-config", str(ROOT / "configs" / "demo.yaml"), "--set", f"model.name={checkpoints[name]}")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     how = {"CLIPImageProcessor": "resize + centre crop", "SiglipImageProcessor": "squash", "LlavaNextImageProcessor": "AnyRes"}

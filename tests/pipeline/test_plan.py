@@ -24,7 +24,7 @@ from pipeline.flops import ModelFlops
 from pipeline.job import run_job
 from pipeline.plan import plan_job, summarize
 from pipeline.stages import GenerateStage, PlanStage, PreprocessStage
-from tests.conftest import cli, encode, read_output, saved
+from tests.conftest import cli_here, encode, read_output, saved
 from tests.photos import encoded, picture
 from tests.pipeline.test_bad_input import _config as bad_input_config
 from tests.pipeline.test_bad_input import _table as bad_input_table
@@ -193,11 +193,11 @@ def test_a_sample_is_scaled_up_and_says_so(tiny_llava):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_cli_plan_prints_the_table_and_writes_json_and_rows(tiny_llava_next, tmp_path):
+def test_cli_plan_prints_the_table_and_writes_json_and_rows(ray_local, tiny_llava_next, tmp_path):
     pq.write_table(_mixed_corpus(tmp_path), tmp_path / "in.parquet")
     (tmp_path / "job.yaml").write_text(json.dumps(_job_config(tiny_llava_next, tmp_path)))
-    res = cli("plan", str(tmp_path / "job.yaml"), "--sample", "5", "--json", str(tmp_path / "plan.json"),
-              "--rows", str(tmp_path / "rows.parquet"), "--mfu", "0.5", "--set", "generation.max_new_tokens=8", timeout=600)
+    res = cli_here("plan", str(tmp_path / "job.yaml"), "--sample", "5", "--json", str(tmp_path / "plan.json"),
+              "--rows", str(tmp_path / "rows.parquet"), "--mfu", "0.5", "--set", "generation.max_new_tokens=8")
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert "SAMPLE: 5 of 15 rows, drawn uniformly; every total below is scaled x3" in out

@@ -20,7 +20,7 @@ from pipeline.job import run_job
 from pipeline.manifest import NAME
 from pipeline.progress import COLUMNS, Tally
 from pipeline.resume import PENDING, checkpoint_path
-from tests.conftest import ROOT, cli, read_output, reference, resized, settled, value, write_parquet
+from tests.conftest import ROOT, cli_here, read_output, reference, resized, settled, value, write_parquet
 
 pytestmark = pytest.mark.slow
 
@@ -156,7 +156,7 @@ def test_retry_failed_through_the_cli_reprocesses_only_failed_rows(ray_local, ti
         p.write_bytes(image)
 
     assert run_job(cfg).rows_processed == 0  # plain resume: failed rows count as done
-    res = cli("run", str(tmp_path / "job.yaml"), "--retry-failed")
+    res = cli_here("run", str(tmp_path / "job.yaml"), "--retry-failed")
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[0] == "rows ok: 9  rows failed: 0  (total 9, processed this run 3)"
     after = read_output(cfg.output.path)
