@@ -172,9 +172,12 @@ def test_s3_two_runs_started_together_never_both_hold_the_lease(slow_s3):
     """20 times, two runs race for one lease through a store whose PUTs take 300 ms more, the
     second starting 0 to 475 ms after the first: the conditional create lets exactly one win (the
     old write, sleep 0.2 s, read back check let both win in 4 of these 20 trials, measured)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     cfg = _cfg(f"s3://{BUCKET}/race/", storage=s3_storage(slow_s3.url), lease_wait_s=0)
-    for trial in range(20):
-        leases = [Lease(cfg), Lease(cfg)]
+    with ThreadPoolExecutor(8) as pool:  # a Lease probes the store as it is made (two slow PUTs): made together
+        pairs = list(pool.map(lambda _: [Lease(cfg), Lease(cfg)], range(20)))
+    for trial, leases in enumerate(pairs):
         assert all(lease.store.conditional for lease in leases)
         won, start = [], threading.Barrier(2)
 
