@@ -57,10 +57,11 @@ def test_a_second_run_on_the_same_output_refuses_and_the_first_finishes(ray_loca
     assert second.returncode == 1
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: output.path: another run is writing this output ({holder}, heartbeat "), lines
-    # refused before Ray starts: no Ray session of its own (Ray names a session after the pid that started it)
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    # refused before Ray starts: no Ray session of its own (Ray names a session after the pid that
+    # started it; the first run's, started after its lease, is there by now)
     sessions = lambda pid: list(Path(get_default_ray_temp_dir()).glob(f"session_*_{pid}"))  # noqa: E731
     assert sessions(first.pid) and not sessions(second.pid)
-    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     out = read_output(cfg.output.path)  # asserts every id once
     assert len(out) == 24 and _rows(cfg) == 24
     assert not lease.exists()  # released at the end
