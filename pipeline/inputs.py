@@ -168,7 +168,7 @@ def inspect_input(cfg: Config, reader: Reader) -> InputPlan:
     trust = cfg.input.duplicate_ids == "trust"
     on_driver = not trust and rows <= cfg.input.driver_id_check_max_rows
     ids = reader.ids(cfg.input.columns.id) if on_driver else None
-    dropped, repeated = _verdict(cfg, _repeats(ids)) if on_driver else (0, [])
+    dropped, repeated = _verdict(cfg, _repeats(ids)) if ids is not None else (0, [])
     return InputPlan(reader=reader, columns=columns, schema=schema, id_type=schema.field(cfg.input.columns.id).type,
                      rows=rows, dropped_duplicates=dropped, repeated_ids=repeated, ids_checked=trust or on_driver, ids=ids)
 

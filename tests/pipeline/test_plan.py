@@ -197,7 +197,7 @@ def test_cli_plan_prints_the_table_and_writes_json_and_rows(ray_local, tiny_llav
     pq.write_table(_mixed_corpus(tmp_path), tmp_path / "in.parquet")
     (tmp_path / "job.yaml").write_text(json.dumps(_job_config(tiny_llava_next, tmp_path)))
     res = cli_here("plan", str(tmp_path / "job.yaml"), "--sample", "5", "--json", str(tmp_path / "plan.json"),
-              "--rows", str(tmp_path / "rows.parquet"), "--mfu", "0.5", "--set", "generation.max_new_tokens=8")
+                   "--rows", str(tmp_path / "rows.parquet"), "--mfu", "0.5", "--set", "generation.max_new_tokens=8")
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert "SAMPLE: 5 of 15 rows, drawn uniformly; every total below is scaled x3" in out
