@@ -70,6 +70,8 @@ class Reader:
 
 FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 FOOTER_FILES_PER_ACTOR = 128  # Ray's FooterReader reads 128 footers at once (its io_concurrency)
+READ_UNIT_ENV = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
+READ_UNIT_BYTES = 16 * 1024**2  # uncompressed bytes one read task reads at most (a whole row group beyond)
 
 
 class ParquetReader(Reader):
@@ -100,18 +102,27 @@ class ParquetReader(Reader):
 
     @contextmanager
     def reading(self):
-        """Ray Data's Parquet reader reads the files' footers on a pool of actors, 32 by default
-        (sized for thousands of files): each a worker process started for every read, which on a
-        small input costs more than the read. One actor per FOOTER_FILES_PER_ACTOR files (each
-        reads that many at once); Ray reads the count from this process's environment."""
-        actors = str(min(32, -(-len(self.files) // FOOTER_FILES_PER_ACTOR)))
-        before = os.environ.get(FOOTER_ACTORS_ENV)
-        os.environ[FOOTER_ACTORS_ENV] = before or actors  # a user's own setting wins
+        """Two of Ray Data's Parquet reader's settings, sized for image rows. (1) It reads the
+        files' footers on a pool of actors, 32 by default (sized for thousands of files): each a
+        worker process started for every read, which on a small input costs more than the read;
+        here one actor per FOOTER_FILES_PER_ACTOR files (each reads that many at once). (2) It
+        packs row groups into read units of up to 128 MiB: ~1,300 photos that one task holds in
+        its heap (~3x over) and puts in the object store as one block, half the job's budget
+        there; the next stage cuts them into `rows_per_block` rows anyway. READ_UNIT_BYTES keeps
+        the job's memory flat as the input grows (benchmarks/README.md, "Memory as rows grow").
+        Ray reads both from this process's environment as the Dataset is built; a user's own
+        setting wins."""
+        settings = {FOOTER_ACTORS_ENV: str(min(32, -(-len(self.files) // FOOTER_FILES_PER_ACTOR))),
+                    READ_UNIT_ENV: str(READ_UNIT_BYTES)}
+        before = {k: os.environ.get(k) for k in settings}
+        for k, v in settings.items():
+            os.environ[k] = before[k] or v
         try:
             yield
         finally:
-            if before is None:
-                del os.environ[FOOTER_ACTORS_ENV]
+            for k, v in before.items():
+                if v is None:
+                    del os.environ[k]
 
 
 class _TextTableReader(Reader):

@@ -13,7 +13,7 @@ from pipeline.errors import JobError
 from pipeline.inputs import inspect_input
 from pipeline.job import run_job
 from pipeline.readers import open_input
-from tests.conftest import BUCKET, encode, photo, resized, s3_fs, s3_storage
+from tests.conftest import BUCKET, encode, photo, resized, s3_fs, s3_storage, write_parquet
 
 # LAION / DataComp-style columns, mapped with input.columns.
 LAION = {"columns": {"id": "key", "image_path": "URL"}, "passthrough": ["TEXT"]}
@@ -347,19 +347,38 @@ def test_webdataset_job_killed_and_rerun_processes_only_the_missing_rows(ray_loc
 
 
 @pytest.mark.parametrize("files, actors", [(1, "1"), (128, "1"), (129, "2"), (10_000, "32")])
-def test_parquet_footer_actors_follow_the_inputs_files(tmp_path, monkeypatch, files, actors):
-    """Ray Data's Parquet reader starts 32 footer-reading actors per read unless told otherwise:
-    while a job reads, one per 128 files (at most Ray's 32); a user's own setting wins; nothing is
-    left set after."""
-    from pipeline.readers import FOOTER_ACTORS_ENV, ParquetReader
+def test_parquet_reader_settings_hold_while_a_job_reads(tmp_path, monkeypatch, files, actors):
+    """Ray Data's Parquet reader starts 32 footer-reading actors per read and packs 128 MiB read
+    units unless told otherwise: while a job reads, one actor per 128 files (at most Ray's 32)
+    and READ_UNIT_BYTES; a user's own setting wins; nothing is left set after."""
+    from pipeline.readers import FOOTER_ACTORS_ENV, READ_UNIT_BYTES, READ_UNIT_ENV, ParquetReader
 
-    monkeypatch.delenv(FOOTER_ACTORS_ENV, raising=False)
+    for name in (FOOTER_ACTORS_ENV, READ_UNIT_ENV):
+        monkeypatch.delenv(name, raising=False)
     cfg = load_config({"model": {"name": "any"}, "input": {"path": str(tmp_path)}})
     reader = ParquetReader(cfg, None, [f"part-{k}.parquet" for k in range(files)])
     with reader.reading():
-        assert os.environ[FOOTER_ACTORS_ENV] == actors
-    assert FOOTER_ACTORS_ENV not in os.environ
+        assert (os.environ[FOOTER_ACTORS_ENV], os.environ[READ_UNIT_ENV]) == (actors, str(READ_UNIT_BYTES))
+    assert FOOTER_ACTORS_ENV not in os.environ and READ_UNIT_ENV not in os.environ
     monkeypatch.setenv(FOOTER_ACTORS_ENV, "7")
+    monkeypatch.setenv(READ_UNIT_ENV, "1000")
     with reader.reading():
-        assert os.environ[FOOTER_ACTORS_ENV] == "7"
-    assert os.environ[FOOTER_ACTORS_ENV] == "7"
+        assert (os.environ[FOOTER_ACTORS_ENV], os.environ[READ_UNIT_ENV]) == ("7", "1000")
+    assert (os.environ[FOOTER_ACTORS_ENV], os.environ[READ_UNIT_ENV]) == ("7", "1000")
+
+
+def test_a_parquet_read_unit_holds_at_most_read_unit_bytes(ray_local, tmp_path, monkeypatch):
+    """Ray reads the setting: three files of 10 MiB of image bytes are three read blocks while a
+    job reads, and one block of 30 MiB under Ray's own 128 MiB packing."""
+    from pipeline.readers import READ_UNIT_BYTES, READ_UNIT_ENV, ParquetReader
+
+    monkeypatch.delenv(READ_UNIT_ENV, raising=False)
+    for k in range(3):
+        write_parquet(tmp_path / f"part-{k}.parquet", [{"id": f"{k}-{i}", "image": os.urandom(1024**2)} for i in range(10)])
+    assert 10 * 1024**2 < READ_UNIT_BYTES < 20 * 1024**2  # one file fits a unit, two do not
+    reader = ParquetReader(load_config({"model": {"name": "any"}, "input": {"path": str(tmp_path)}}))
+    read = lambda: reader.dataset(["id", "image"], reader.schemas()[0]).materialize()  # noqa: E731
+    with reader.reading():
+        units = read()
+    assert (units.num_blocks(), units.count()) == (3, 30)
+    assert read().num_blocks() == 1
