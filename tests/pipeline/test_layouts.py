@@ -68,6 +68,8 @@ def test_check_config_describes_the_layout(checkpoints, name):
 
 @pytest.fixture(scope="module")
 def serve_port(ray_local):
+    """One Serve instance for the layouts: each layout's application replaces the one before in
+    place (`serve.run` under the same name, as a redeploy does), not deleted and made anew."""
     from ray import serve
 
     port = free_port()
@@ -110,19 +112,17 @@ def test_a_job_and_an_endpoint_request_on_each_layout_equal_transformers(ray_loc
     serve_cfg = load_config("configs/serve-tiny.yaml", overrides={
         "model.name": ckpt, "generation.max_new_tokens": MAX_NEW, "serve.port": serve_port,
         "serve.served_model_name": name, "serve.api_key": KEY})
-    serve.run(build(serve_cfg), name=APP_NAME, route_prefix="/")
-    try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{serve_port}/v1", api_key=KEY, max_retries=0, timeout=120)
-        for key in ("astronaut", "coffee"):
-            image, prompt = ROWS[key]
-            reply = client.chat.completions.create(model=name, max_tokens=MAX_NEW, temperature=0, messages=[{
-                "role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_uri(image)}},
-                                            {"type": "text", "text": prompt}]}])
-            ref = expected[key]
-            assert reply.choices[0].message.content == ref.text == out[key]["text"]
-            assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (ref.prompt_tokens, ref.completion_tokens)
-    finally:
-        serve.delete(APP_NAME)
+    serve.run(build(serve_cfg), name=APP_NAME, route_prefix="/")  # returns once this layout's replicas serve
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{serve_port}/v1", api_key=KEY, max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list()] == [name]  # this layout's application, not the one before
+    for key in ("astronaut", "coffee"):
+        image, prompt = ROWS[key]
+        reply = client.chat.completions.create(model=name, max_tokens=MAX_NEW, temperature=0, messages=[{
+            "role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_uri(image)}},
+                                        {"type": "text", "text": prompt}]}])
+        ref = expected[key]
+        assert reply.choices[0].message.content == ref.text == out[key]["text"]
+        assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (ref.prompt_tokens, ref.completion_tokens)
 
 
 def test_llava_interleave_takes_several_images_in_one_row_and_llava_1_5_one(checkpoints):
