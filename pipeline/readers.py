@@ -71,7 +71,7 @@ class Reader:
 FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 FOOTER_FILES_PER_ACTOR = 128  # Ray's FooterReader reads 128 footers at once (its io_concurrency)
 READ_UNIT_ENV = "RAY_DATA_PARQUET_BIN_PACKING_BYTES"
-READ_UNIT_BYTES = 16 * 1024**2  # uncompressed bytes one read task reads at most (a whole row group beyond)
+READ_UNIT_BYTES = 16 * 1024**2  # uncompressed bytes of rows one read task reads (a larger row group: alone)
 
 
 class ParquetReader(Reader):
