@@ -114,15 +114,13 @@ class ParquetReader(Reader):
         setting wins."""
         settings = {FOOTER_ACTORS_ENV: str(min(32, -(-len(self.files) // FOOTER_FILES_PER_ACTOR))),
                     READ_UNIT_ENV: str(READ_UNIT_BYTES)}
-        before = {k: os.environ.get(k) for k in settings}
-        for k, v in settings.items():
-            os.environ[k] = before[k] or v
+        ours = [k for k in settings if k not in os.environ]
+        os.environ.update({k: settings[k] for k in ours})
         try:
             yield
         finally:
-            for k, v in before.items():
-                if v is None:
-                    del os.environ[k]
+            for k in ours:
+                del os.environ[k]
 
 
 class _TextTableReader(Reader):
