@@ -83,8 +83,8 @@ def cli_here(*args) -> subprocess.CompletedProcess:
     progress = logging.getLogger("pipeline.progress")
     level = progress.level  # main() sets it for the process: given back for the tests after this one
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(list(args))
+        with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))  # from the repository, as `cli` runs it
     finally:
         progress.setLevel(level)
     return subprocess.CompletedProcess(["llava-ray", *args], code, out.getvalue(), err.getvalue())

@@ -14,33 +14,33 @@ from tests.conftest import ROOT, cli, cli_here, read_output, resized, write_parq
 
 
 def test_check_config_cli_exit_codes(tmp_path, tiny_llava):
-    ok = cli("check-config", "configs/demo.yaml", "--set", f"model.name={tiny_llava}")
+    ok = cli_here("check-config", "configs/demo.yaml", "--set", f"model.name={tiny_llava}")
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("ok: configs/demo.yaml (transformers")
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {name: m}\nresources: {model_actor: 2}\n")
-    res = cli("check-config", str(bad))
+    res = cli("check-config", str(bad))  # a process: its exit status is the code main() returned
     assert res.returncode == 2
     assert res.stderr.strip() == "config error: resources.model_actor: unknown key (check the spelling)"
 
-    res = cli("check-config", str(tmp_path / "missing.yaml"))
+    res = cli_here("check-config", str(tmp_path / "missing.yaml"))
     assert res.returncode == 2 and "no such config file" in res.stderr
 
     bad.write_text("model: [oops\n")
-    res = cli("check-config", str(bad))
+    res = cli_here("check-config", str(bad))
     assert res.returncode == 2 and "not valid YAML" in res.stderr
 
 
 @pytest.mark.cpu_only
 def test_cuda_device_without_a_gpu_is_a_config_error(tiny_llava):
-    res = cli("check-config", "configs/demo.yaml", "--set", f"model.name={tiny_llava}", "--set", "model.device=cuda")
+    res = cli_here("check-config", "configs/demo.yaml", "--set", f"model.name={tiny_llava}", "--set", "model.device=cuda")
     assert res.returncode == 2
     assert res.stderr.strip() == "config error: model.device: 'cuda' but no CUDA GPU is visible; use model.device=auto or cpu"
 
 
 def test_tiny_model_cli_builds_a_loadable_checkpoint(tmp_path):
-    res = cli("tiny-model", str(tmp_path / "ck"), "--layout", "llava-next")
+    res = cli_here("tiny-model", str(tmp_path / "ck"), "--layout", "llava-next")
     assert res.returncode == 0, res.stderr
     cfg = tf.AutoConfig.from_pretrained(tmp_path / "ck")
     assert cfg.model_type == "llava_next" and cfg.vision_config.image_size == 336 and cfg.vision_config.patch_size == 14
@@ -83,11 +83,11 @@ def _job_file(tmp_path, tiny_llava, **extra) -> str:
 
 def test_run_exit_codes_and_one_line_errors(tmp_path, tiny_llava):
     job = _job_file(tmp_path, tiny_llava)
-    res = cli("run", job, "--set", "generation.max_new_tokens=0")
+    res = cli_here("run", job, "--set", "generation.max_new_tokens=0")
     assert (res.returncode, res.stderr.strip()) == (2, "config error: generation.max_new_tokens: Input should be greater than or equal to 1")
-    res = cli("run", job, "--set", f"input.path={tmp_path / 'nowhere.parquet'}")
+    res = cli("run", job, "--set", f"input.path={tmp_path / 'nowhere.parquet'}")  # a process: exit status 1
     assert (res.returncode, res.stderr.strip()) == (1, f"error: input.path: {tmp_path / 'nowhere.parquet'} does not exist")
-    res = cli("run", job, "--set", "model.name=" + str(tmp_path))  # a folder that is not a checkpoint
+    res = cli_here("run", job, "--set", "model.name=" + str(tmp_path))  # a folder that is not a checkpoint
     assert res.returncode == 2 and res.stderr.startswith(f"config error: model.name: '{tmp_path}' is not a loadable checkpoint")
     assert len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()  # nothing started
@@ -159,7 +159,7 @@ def test_serve_answers_until_interrupted(tmp_path, tiny_llava):
 
 
 def test_serve_with_a_bad_config_exits_2(tmp_path):
-    res = cli("serve", "configs/serve-tiny.yaml", "--set", "serve.port=0")
+    res = cli_here("serve", "configs/serve-tiny.yaml", "--set", "serve.port=0")
     assert (res.returncode, res.stderr.strip()) == (2, "config error: serve.port: Input should be greater than or equal to 1")
 
 
