@@ -144,6 +144,59 @@ def ray_local():
     ray.shutdown()
 
 
+def own_model_actor(ray) -> dict | None:
+    """This driver's live model actor, as Ray's GCS records it (actor id, node, pid): never a
+    process picked by name, which could belong to another Ray on the machine."""
+    from ray._private.state import (
+        actors,  # the GCS actor table; the public state API needs the dashboard
+    )
+
+    job = ray.get_runtime_context().get_job_id()
+    node = ray.get_runtime_context().get_node_id()
+    for actor_id, info in actors().items():
+        if (info["JobID"] == job and info["State"] == "ALIVE" and "GenerateStage" in info["ActorClassName"]
+                and info["Address"]["NodeID"] == node):
+            return {"actor_id": actor_id, "pid": info["Pid"]}
+    return None
+
+
+def with_model_actor_paused(ray, run, during):
+    """`run()`, a job on the session's Ray, with `during()` done while that job's model actor is
+    paused (SIGSTOP): the job holds its lease and cannot finish meanwhile, whatever the timing.
+    Returns both results."""
+    import signal
+    import threading
+    import time
+
+    finished, box = threading.Event(), {}
+
+    def pause():
+        deadline = time.monotonic() + 180
+        while not finished.is_set() and time.monotonic() < deadline:
+            if actor := own_model_actor(ray):
+                os.kill(actor["pid"], signal.SIGSTOP)
+                try:
+                    box["during"] = during()
+                except BaseException as e:  # raised in the test's thread below
+                    box["error"] = e
+                finally:
+                    os.kill(actor["pid"], signal.SIGCONT)
+                return
+            time.sleep(0.05)
+
+    pauser = threading.Thread(target=pause)
+    pauser.start()
+    try:
+        result = run()
+    finally:
+        finished.set()
+        pauser.join()
+    if "error" in box:
+        raise box["error"]
+    assert "during" in box, "the job finished before its model actor was paused"
+    return result, box["during"]
+
+
 KEY, SECRET, BUCKET = "testing-key", "testing-secret", "llava"
 
 

@@ -2,6 +2,7 @@
 run's lease, output and checkpoint damaged by hand, a checkpoint of another input."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pipeline.errors import JobError
 from pipeline.job import run_job
 from pipeline.lease import lease_path
 from pipeline.resume import checkpoint_path
-from tests.conftest import ROOT, read_output, resized, write_parquet
+from tests.conftest import ROOT, read_output, resized, with_model_actor_paused, write_parquet
 
 pytestmark = pytest.mark.slow
 
@@ -42,26 +43,28 @@ def _rows(cfg) -> int:
 
 
 def test_a_second_run_on_the_same_output_refuses_and_the_first_finishes(ray_local, tiny_llava, tmp_path):
+    """`llava-ray run` on an output a running job holds (here a job on the session's Ray, its
+    model actor paused meanwhile so it cannot finish first): one line, exit 1, before Ray starts;
+    the first finishes, every row once."""
     path, cfg = _job(tiny_llava, tmp_path, n=24)
-    first = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path)], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lease = Path(lease_path(cfg))
-    deadline = time.monotonic() + 120
-    while not lease.exists() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert lease.exists(), first.communicate()[1][-2000:]
-    second = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path), "--set", "output.lease_wait_s=0"], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, stderr = second.communicate(timeout=240)
-    holder = json.loads(lease.read_text())["owner"]
+
+    def second():
+        holder = json.loads(lease.read_text())["owner"]
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path), "--set", "output.lease_wait_s=0"],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _, stderr = proc.communicate(timeout=240)
+        return holder, proc, stderr
+
+    summary, (holder, second, stderr) = with_model_actor_paused(ray_local, lambda: run_job(cfg), second)
     assert second.returncode == 1
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: output.path: another run is writing this output ({holder}, heartbeat "), lines
-    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     # refused before Ray starts: no Ray session of its own (Ray names a session after the pid that
-    # started it; the first run's, started after its lease, is there by now)
+    # started it, as this test process's own Ray is named)
     sessions = lambda pid: list(Path(get_default_ray_temp_dir()).glob(f"session_*_{pid}"))  # noqa: E731
-    assert sessions(first.pid) and not sessions(second.pid)
+    assert sessions(os.getpid()) and not sessions(second.pid)
+    assert summary.rows_processed == 24
     out = read_output(cfg.output.path)  # asserts every id once
     assert len(out) == 24 and _rows(cfg) == 24
     assert not lease.exists()  # released at the end

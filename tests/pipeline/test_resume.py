@@ -20,7 +20,7 @@ from pipeline.job import run_job
 from pipeline.manifest import NAME
 from pipeline.progress import COLUMNS, Tally
 from pipeline.resume import PENDING, checkpoint_path
-from tests.conftest import ROOT, cli_here, read_output, reference, resized, settled, value, write_parquet
+from tests.conftest import ROOT, cli_here, own_model_actor, read_output, reference, resized, settled, value, write_parquet
 
 pytestmark = pytest.mark.slow
 
@@ -166,22 +166,6 @@ def test_retry_failed_through_the_cli_reprocesses_only_failed_rows(ray_local, ti
     assert all(after[i] == before[i] for i in range(3, 9))  # the others untouched
 
 
-def _own_model_actor(ray) -> dict | None:
-    """This driver's live model actor, as Ray's GCS records it (actor id, node, pid): never a
-    process picked by name, which could belong to another Ray on the machine."""
-    from ray._private.state import (
-        actors,  # the GCS actor table; the public state API needs the dashboard
-    )
-
-    job = ray.get_runtime_context().get_job_id()
-    node = ray.get_runtime_context().get_node_id()
-    for actor_id, info in actors().items():
-        if (info["JobID"] == job and info["State"] == "ALIVE" and "GenerateStage" in info["ActorClassName"]
-                and info["Address"]["NodeID"] == node):
-            return {"actor_id": actor_id, "pid": info["Pid"]}
-    return None
-
-
 def test_model_actor_killed_mid_job_every_row_exactly_once(ray_local, tiny_llava, tmp_path):
     _, cfg = _config(tiny_llava, tmp_path, 40)
     killed = []
@@ -189,7 +173,7 @@ def test_model_actor_killed_mid_job_every_row_exactly_once(ray_local, tiny_llava
     def kill_model_actor_once():
         deadline = time.monotonic() + 180
         while not killed and time.monotonic() < deadline:
-            if list(Path(cfg.output.path).glob("*.parquet")) and (actor := _own_model_actor(ray_local)):
+            if list(Path(cfg.output.path).glob("*.parquet")) and (actor := own_model_actor(ray_local)):
                 os.kill(actor["pid"], signal.SIGKILL)  # a crash, as the OOM killer would do
                 killed.append(actor)
                 return

@@ -218,14 +218,16 @@ def test_hand_damaged_s3_output_and_checkpoint_are_reconciled(ray_local, tiny_ll
 
 
 def test_two_runs_on_one_s3_output_one_proceeds(ray_local, tiny_llava, s3_endpoint, tmp_path):
+    """`llava-ray run` on an S3 output a running job holds (a job on the session's Ray, its model
+    actor paused meanwhile so it cannot finish first) is refused in one line; the first
+    finishes, every row once."""
     import json
     import subprocess
     import sys
-    import time
 
     import yaml
 
-    from tests.conftest import ROOT
+    from tests.conftest import ROOT, with_model_actor_paused
 
     rows = [{"id": f"r{i}", "image": resized("coffee", 100 + i, 120), "prompt": f"Row {i}?"} for i in range(16)]
     data = {
@@ -234,18 +236,18 @@ def test_two_runs_on_one_s3_output_one_proceeds(ray_local, tiny_llava, s3_endpoi
         "resources": {"rows_per_block": 2, "model_batch_size": 2}, "storage": _storage(s3_endpoint),
     }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
-    run = [sys.executable, "-m", "pipeline", "run", str(tmp_path / "job.yaml")]
     fs = _fs(s3_endpoint)
-    first = subprocess.Popen(run, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not fs.exists(f"{BUCKET}/twice.lease") and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+
+    def second():
         fs.invalidate_cache()
-    holder = json.loads(fs.cat_file(f"{BUCKET}/twice.lease"))["owner"]
-    second = subprocess.run([*run, "--set", "output.lease_wait_s=0"], cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert second.returncode == 1
-    assert second.stderr.strip().startswith(f"error: output.path: another run is writing this output ({holder}, heartbeat ")
-    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+        holder = json.loads(fs.cat_file(f"{BUCKET}/twice.lease"))["owner"]
+        run = [sys.executable, "-m", "pipeline", "run", str(tmp_path / "job.yaml"), "--set", "output.lease_wait_s=0"]
+        return holder, subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=240)
+
+    summary, (holder, refused) = with_model_actor_paused(ray_local, lambda: run_job(load_config(data)), second)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().startswith(f"error: output.path: another run is writing this output ({holder}, heartbeat ")
+    assert summary.rows_processed == 16
     files = [f for f in fs.find(f"{BUCKET}/twice") if f.endswith(".parquet")]
     ids = [i for f in files for i in pq.read_table(fs.open(f, "rb")).column("id").to_pylist()]
     assert sorted(ids) == sorted(f"r{i}" for i in range(16))  # every row exactly once
