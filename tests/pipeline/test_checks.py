@@ -9,7 +9,7 @@ from pipeline.checkpoint import Checkpoint
 from pipeline.checks import check_environment, check_vllm_settings
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
-from tests.conftest import cli_here
+from tests.conftest import cli, cli_here
 
 MAX_NEW = 16
 
@@ -38,13 +38,14 @@ def test_impossible_combinations_fail_at_config_check(settings, message):
 
 @pytest.mark.cpu_only
 def test_flash_attention_without_gpu_fails_check_config(tiny_llava):
-    res = cli_here("check-config", "configs/demo.yaml", "--set", f"model.name={tiny_llava}", "--set", "model.attn_implementation=flash_attention_2")
+    # a process of its own: in one with a Ray already up the checks are a cluster's, not this machine's
+    res = cli("check-config", "configs/demo.yaml", "--set", f"model.name={tiny_llava}", "--set", "model.attn_implementation=flash_attention_2")
     assert res.returncode == 2
     assert res.stderr.strip() == "config error: model.attn_implementation: flash_attention_2 needs a CUDA GPU; use sdpa"
 
 
 def test_custom_resources_without_a_cluster_fail_check_config(tiny_llava):
-    res = cli_here("check-config", "configs/demo.yaml", "--set", f"model.name={tiny_llava}",
+    res = cli("check-config", "configs/demo.yaml", "--set", f"model.name={tiny_llava}",  # no Ray up: embedded
               "--set", 'resources.model_resources={"model_node": 1}')
     assert res.returncode == 2
     assert res.stderr.strip() == ("config error: resources.model_resources: custom resources need a Ray cluster whose nodes "

@@ -34,7 +34,8 @@ def test_check_config_cli_exit_codes(tmp_path, tiny_llava):
 
 @pytest.mark.cpu_only
 def test_cuda_device_without_a_gpu_is_a_config_error(tiny_llava):
-    res = cli_here("check-config", "configs/demo.yaml", "--set", f"model.name={tiny_llava}", "--set", "model.device=cuda")
+    # a process of its own: in one with a Ray already up the checks are a cluster's, not this machine's
+    res = cli("check-config", "configs/demo.yaml", "--set", f"model.name={tiny_llava}", "--set", "model.device=cuda")
     assert res.returncode == 2
     assert res.stderr.strip() == "config error: model.device: 'cuda' but no CUDA GPU is visible; use model.device=auto or cpu"
 
