@@ -179,14 +179,11 @@ def test_image_folder_job_ids_are_relative_paths(ray_local, tiny_llava, tmp_path
 
 
 def _killed_and_rerun(tiny_llava, tmp_path, fmt: str, ids: list[str]) -> None:
-    """A job over `tmp_path/in` (40 rows) killed mid-run, then rerun at once: exactly once, and
-    only the rows the first run did not commit are processed. The first is a driver attached to
-    the session's Ray, as a RayJob's entrypoint is, and its SIGKILL a RayJob retry's cause (the
-    whole-tree kill of a Ray of its own: test_resume)."""
-    import ray
+    """A job over `tmp_path/in` (40 rows) killed mid-run (SIGKILL of its whole tree), then rerun
+    at once: exactly once, and only the rows the first run did not commit are processed."""
     import yaml
 
-    from tests.pipeline.test_resume import _committed_ids, _kill_attached, _start_job, _wait_committed
+    from tests.pipeline.test_resume import _committed_ids, _kill_tree, _start_job, _wait_committed
 
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump({
@@ -195,9 +192,10 @@ def _killed_and_rerun(tiny_llava, tmp_path, fmt: str, ids: list[str]) -> None:
         "output": {"path": str(tmp_path / "out"), "lease_expiry_s": 5, "lease_wait_s": 0},
         "resources": {"rows_per_block": 4, "model_batch_size": 4, "preprocess_batch_size": 4}}))
     cfg = load_config(path)
-    proc = _start_job(path, ray.get_runtime_context().gcs_address)
+    proc = _start_job(path)
     _wait_committed(cfg, proc, 8)
-    _kill_attached(proc)
+    _kill_tree(proc.pid)
+    proc.wait()
     done = _committed_ids(cfg)
     assert 8 <= len(done) < 40, "the stop should land mid-job"
     summary = run_job(cfg)

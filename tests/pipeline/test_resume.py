@@ -61,30 +61,9 @@ def _kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
-def _kill_attached(proc: subprocess.Popen) -> None:
-    """SIGKILL a `llava-ray run` attached to the session's Ray (a RayJob retry's cause), then wait
-    until that Ray has ended its job (each of its actors dead but Ray Data's detached ones), as
-    Ray ends the job of a dead driver: no worker of it is left to commit a block after the test
-    has counted them."""
-    from ray._private.state import actors, jobs  # the GCS tables; the public state API needs the dashboard
-
-    _kill_tree(proc.pid)
-    proc.wait()
-    job = next(j["JobID"] for j in jobs() if j["DriverPid"] == proc.pid)
-    alive = lambda: [a["ActorClassName"] for a in actors().values()  # noqa: E731
-                     if a["JobID"] == job and not a["IsDetached"] and a["State"] != "DEAD"]
-    deadline = time.monotonic() + 60
-    while alive():
-        assert time.monotonic() < deadline, f"the dead driver's actors still run: {alive()}"
-        time.sleep(0.05)
-
-
-def _start_job(path, ray_address: str | None = None) -> subprocess.Popen:
-    """`llava-ray run` as a process: with a Ray of its own, or attached to `ray_address` as a
-    RayJob's entrypoint is (its workers then belong to that Ray, not to the process)."""
-    env = {**os.environ, "RAY_ADDRESS": ray_address} if ray_address else None
+def _start_job(path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path)], cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_committed(cfg, proc, n: int) -> None:

@@ -254,14 +254,16 @@ def test_two_runs_on_one_s3_output_one_proceeds(ray_local, tiny_llava, s3_endpoi
 
 
 def test_a_killed_s3_job_rerun_at_once_resumes(ray_local, tiny_llava, s3_endpoint, tmp_path):
-    """SIGKILL of the job's driver (attached to the session's Ray, as a RayJob's entrypoint is)
-    once output exists on S3, then an immediate rerun (no wait allowed): it takes over the dead
-    holder's lease, runs only the missing rows, each once."""
+    """SIGKILL of the whole job tree once output exists on S3, then an immediate rerun (no wait
+    allowed): it takes over the dead holder's lease, runs only the missing rows, each once."""
+    import subprocess
+    import sys
     import time
 
     import yaml
 
-    from tests.pipeline.test_resume import _kill_attached, _start_job
+    from tests.conftest import ROOT
+    from tests.pipeline.test_resume import _kill_tree
 
     n = 48
     rows = [{"id": f"r{i}", "image": resized("coffee", 100 + i, 120), "prompt": f"Row {i}?"} for i in range(n)]
@@ -276,7 +278,8 @@ def test_a_killed_s3_job_rerun_at_once_resumes(ray_local, tiny_llava, s3_endpoin
         fs.invalidate_cache()  # the test's own s3fs keeps listings: see the job's writes as they land
         return [f for f in fs.find(f"{BUCKET}/killed") if f.endswith(".parquet")]
 
-    proc = _start_job(tmp_path / "job.yaml", ray_local.get_runtime_context().gcs_address)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(tmp_path / "job.yaml")], cwd=ROOT,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     def committed() -> set:  # ids of blocks whose checkpoint is committed (a pending block runs again)
         fs.invalidate_cache()
@@ -287,7 +290,8 @@ def test_a_killed_s3_job_rerun_at_once_resumes(ray_local, tiny_llava, s3_endpoin
     while not committed() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, proc.stderr.read()[-3000:]
-    _kill_attached(proc)
+    _kill_tree(proc.pid)
+    proc.wait()
     assert fs.exists(f"{BUCKET}/killed.lease")  # the dead run's lease is still there
     written = committed()
     assert 0 < len(written) < n, "the stop should land mid-job"
