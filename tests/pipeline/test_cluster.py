@@ -56,15 +56,16 @@ def _finish(proc) -> tuple[str, str]:
     return out, err
 
 
-def _actor_nodes(cluster) -> dict[str, set[str]]:
-    """{stage: node ids} of every actor the job ran, alive or dead, from Ray's state API."""
+def _actor_nodes(cluster, since: set[str] = frozenset()) -> dict[str, dict[str, str]]:
+    """{stage: {actor id: node id}} of the stage actors Ray's state API lists, alive or dead, but
+    those in `since` (an earlier job's). A restarted actor keeps its id and lists its last node."""
     from ray.util.state import list_actors
 
-    out: dict[str, set[str]] = {}
+    out: dict[str, dict[str, str]] = {"PreprocessStage": {}, "GenerateStage": {}}
     for actor in list_actors(address=cluster.address, limit=1000, raise_on_missing_output=False):
-        for stage in ("PreprocessStage", "GenerateStage"):
-            if stage in actor.class_name:
-                out.setdefault(stage, set()).add(actor.node_id)
+        for stage in out:
+            if stage in actor.class_name and actor.actor_id not in since:
+                out[stage][actor.actor_id] = actor.node_id
     return out
 
 
@@ -91,17 +92,21 @@ def test_a_worker_node_lost_mid_job_and_a_fresh_one_added_every_row_once(cluster
     """The node of the model actors is removed mid-job (its workers die with it) and a fresh one
     with the same resources joins: Ray Data restarts the actor there and retries its blocks;
     every row is written exactly once. Each pool ran only on the nodes its resources name."""
+    earlier = {a for actors in _actor_nodes(cluster).values() for a in actors}  # the module's other jobs
     path, cfg = _job(tiny_llava, tmp_path, 40)
     proc = _driver(cluster, path)
     _wait_committed(cfg, proc, 8)
     assert proc.poll() is None and len(_committed_ids(cfg)) < 40, "the node should go mid-job"
     lost = cluster.model
+    before = _actor_nodes(cluster, earlier)
+    assert set(before["GenerateStage"].values()) == {lost.node_id}  # where the model actors run until the loss
     cluster.remove_node(lost, allow_graceful=False)
     cluster.model = cluster.add_node(num_cpus=2, resources=MODEL)
     _finish(proc)
     out = read_output(cfg.output.path)
     assert sorted(out) == [f"r{i:03d}" for i in range(40)] and all(r["error"] is None for r in out.values())
 
-    nodes = _actor_nodes(cluster)
-    assert nodes["PreprocessStage"] == {cluster.prep.node_id}
-    assert nodes["GenerateStage"] == {lost.node_id, cluster.model.node_id}  # before and after the loss
+    after = _actor_nodes(cluster, earlier)
+    assert set(before["PreprocessStage"].values()) == set(after["PreprocessStage"].values()) == {cluster.prep.node_id}
+    # Restarted (same id) or replaced, the model actors that finished the job ran on the fresh node.
+    assert cluster.model.node_id in set(after["GenerateStage"].values()) <= {lost.node_id, cluster.model.node_id}
