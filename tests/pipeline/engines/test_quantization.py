@@ -95,9 +95,12 @@ def test_four_bit_lowers_the_kernels_peak_rss_and_the_footprint(tmp_path):
     """Measured in fresh processes on a tiny-but-wider checkpoint (benchmarks/memory.py): peak RSS
     is the kernel's VmHWM, which counts the checkpoint's mapped file pages and the load's
     transients too (measured 0.62 of float32), so the bound is looser than the footprint's."""
+    from concurrent.futures import ThreadPoolExecutor
+
     ckpt = build_wide_checkpoint(tmp_path / "wide")
-    fp32 = measure(ckpt, {"model.dtype": "float32"})
-    four = measure(ckpt, {"model.dtype": "bfloat16", "model.quantization.mode": "4bit"})
+    with ThreadPoolExecutor(2) as pool:  # side by side: each figure is its own process's
+        fp32, four = pool.map(lambda o: measure(ckpt, o), [{"model.dtype": "float32"},
+                                                           {"model.dtype": "bfloat16", "model.quantization.mode": "4bit"}])
     assert four["language_model_linear"] == ["Linear4bit"]
     assert four["footprint_bytes"] < 0.2 * fp32["footprint_bytes"]
     assert four["hwm_bytes"] < 0.75 * fp32["hwm_bytes"], (four, fp32)
