@@ -93,6 +93,7 @@ def test_input_and_output_values_are_refused_before_ray_in_one_line(tiny_llava, 
     # The model is not what varies here: its checks run once, not once per value (~240 loads).
     checkpoint = job.check_environment(load_config(base))
     monkeypatch.setattr(job, "check_environment", lambda cfg: checkpoint)
+    monkeypatch.chdir(tmp_path)  # an accepted relative output (`x`, `*`) is made here, not in the repository
     for key in [k for k in _leaf_keys(Config) if k.startswith(("input.", "output.", "storage."))]:
         # '/' as an input is a folder like any other, walked whole: this machine's every file.
         odd = ["[]", "''", "'s3://'", "x", "null", "[1]", "'*'"] + (["'/'"] if not key.startswith("input.") else [])
