@@ -133,29 +133,36 @@ def ray_local():
     from pipeline.cluster import local_cpus
     from pipeline.config import load_config
 
-    if not ray.is_initialized():
-        cpus = local_cpus(load_config({"model": {"name": "any"}}))
-        # Metrics exported on a port of our own, every half second, so tests can scrape them.
-        # address="local": our own Ray even while another runs here (a `ray start`, the cluster tests'
-        # head), which a bare init would attach to and then refuse num_cpus.
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 _metrics_export_port=free_port(), _system_config={"metrics_report_interval_ms": 500})
+    if ray.is_initialized():  # a Ray an earlier test's job left running, without these settings
+        ray.shutdown()
+    cpus = local_cpus(load_config({"model": {"name": "any"}}))
+    # Metrics exported on a port of our own, as often as Ray allows (it floors the period at 1 s), so
+    # tests can scrape them. address="local": our own Ray even while another runs here (a `ray
+    # start`, the cluster tests' head), which a bare init would attach to and then refuse num_cpus.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _metrics_export_port=free_port(), _system_config={"metrics_report_interval_ms": 500})
     yield ray
     ray.shutdown()
 
 
-def own_model_actor(ray) -> dict | None:
-    """This driver's live model actor, as Ray's GCS records it (actor id, node, pid): never a
+def actor_ids(ray) -> set[str]:
+    """Every actor this session's GCS knows, alive or dead: what a job started before this one left."""
+    from ray._private.state import actors  # the GCS actor table; the public state API needs the dashboard
+
+    return set(actors())
+
+
+def own_model_actor(ray, earlier: set[str]) -> dict | None:
+    """This driver's live model actor, as Ray's GCS records it (actor id, node, pid), leaving out
+    the actors in `earlier` (an earlier job's, which Ray Data may not have stopped yet): never a
     process picked by name, which could belong to another Ray on the machine."""
-    from ray._private.state import (
-        actors,  # the GCS actor table; the public state API needs the dashboard
-    )
+    from ray._private.state import actors
 
     job = ray.get_runtime_context().get_job_id()
     node = ray.get_runtime_context().get_node_id()
     for actor_id, info in actors().items():
-        if (info["JobID"] == job and info["State"] == "ALIVE" and "GenerateStage" in info["ActorClassName"]
-                and info["Address"]["NodeID"] == node):
+        if (actor_id not in earlier and info["JobID"] == job and info["State"] == "ALIVE"
+                and "GenerateStage" in info["ActorClassName"] and info["Address"]["NodeID"] == node):
             return {"actor_id": actor_id, "pid": info["Pid"]}
     return None
 
@@ -168,12 +175,12 @@ def with_model_actor_paused(ray, run, during):
     import threading
     import time
 
-    finished, box = threading.Event(), {}
+    finished, box, earlier = threading.Event(), {}, actor_ids(ray)
 
     def pause():
         deadline = time.monotonic() + 180
         while not finished.is_set() and time.monotonic() < deadline:
-            if actor := own_model_actor(ray):
+            if actor := own_model_actor(ray, earlier):
                 os.kill(actor["pid"], signal.SIGSTOP)
                 try:
                     box["during"] = during()
@@ -261,8 +268,8 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
 
 
 def settled(metrics_url: str, done=None) -> dict:
-    """Scrape until `done(samples)` holds, or (no `done`) until two scrapes a second apart agree:
-    Ray exports every half second, so what was just counted may not be exported yet."""
+    """Scrape until `done(samples)` holds, or (no `done`) until two scrapes two seconds apart agree:
+    Ray exports every second, so what was just counted may not be exported yet."""
     import time
 
     deadline = time.monotonic() + 30
@@ -272,7 +279,7 @@ def settled(metrics_url: str, done=None) -> dict:
         if (done(samples) if done else samples == last) or time.monotonic() > deadline:
             return samples
         last = samples
-        time.sleep(0.25 if done else 1.0)
+        time.sleep(0.25 if done else 2.0)
 
 
 def value(samples: dict, name: str, **labels) -> float:

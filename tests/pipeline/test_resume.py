@@ -20,7 +20,7 @@ from pipeline.job import run_job
 from pipeline.manifest import NAME
 from pipeline.progress import COLUMNS, Tally
 from pipeline.resume import PENDING, checkpoint_path
-from tests.conftest import ROOT, cli_here, own_model_actor, read_output, reference, resized, settled, value, write_parquet
+from tests.conftest import ROOT, actor_ids, cli_here, own_model_actor, read_output, reference, resized, settled, value, write_parquet
 
 pytestmark = pytest.mark.slow
 
@@ -168,14 +168,14 @@ def test_retry_failed_through_the_cli_reprocesses_only_failed_rows(ray_local, ti
 
 def test_model_actor_killed_mid_job_every_row_exactly_once(ray_local, tiny_llava, tmp_path):
     _, cfg = _config(tiny_llava, tmp_path, 40)
-    killed = []
+    killed, earlier = [], actor_ids(ray_local)
 
     def kill_model_actor_once():
         deadline = time.monotonic() + 180
         while not killed and time.monotonic() < deadline:
-            if list(Path(cfg.output.path).glob("*.parquet")) and (actor := own_model_actor(ray_local)):
+            if list(Path(cfg.output.path).glob("*.parquet")) and (actor := own_model_actor(ray_local, earlier)):
                 os.kill(actor["pid"], signal.SIGKILL)  # a crash, as the OOM killer would do
-                killed.append(actor)
+                killed.append(len(_committed_ids(cfg)))
                 return
             time.sleep(0.05)
 
@@ -184,6 +184,7 @@ def test_model_actor_killed_mid_job_every_row_exactly_once(ray_local, tiny_llava
     summary = run_job(cfg)
     killer.join()
     assert killed, "the model actor was never killed"
+    assert killed[0] < 40, "the kill should land mid-job"
     out = read_output(cfg.output.path)
     assert set(out) == {f"r{i:03d}" for i in range(40)}
     assert summary.rows_total == 40 and summary.rows_failed == 0
