@@ -102,7 +102,7 @@ def test_past_the_queue_bound_the_ingress_answers_503_with_retry_after(app, metr
     aborted = lambda s: value(s, "ray_llava_ray_streams_aborted_total")  # noqa: E731
     start = aborted(settled(metrics_url))
     assert drop_streams(url, BOUND) == [200] * BOUND
-    settled(metrics_url, lambda s: aborted(s) - start >= BOUND)  # the model stopped them all
+    assert aborted(settled(metrics_url, lambda s: aborted(s) - start >= BOUND)) - start == BOUND  # the model stopped them all
     gate = threading.Event()
     with ImageServer("127.0.0.2") as images:
         held = images.add("/held.png", encode(photo("astronaut")), gate=gate)
