@@ -155,9 +155,12 @@ def test_a_fenced_output_file_is_not_published(tmp_path):
     fs, path = arrow_fs(cfg.output.path, cfg.storage, fence=lease.fence())
     pq.write_table(pa.table({"id": [1]}), f"{path}/a.parquet", filesystem=fs)
     lease.release()
-    Lease(cfg).acquire()  # another run holds it now
-    with pytest.raises(LeaseLost):
-        pq.write_table(pa.table({"id": [2]}), f"{path}/b.parquet", filesystem=fs)
+    other = Lease(cfg).acquire()  # another run holds it now
+    try:
+        with pytest.raises(LeaseLost):
+            pq.write_table(pa.table({"id": [2]}), f"{path}/b.parquet", filesystem=fs)
+    finally:
+        other.release()  # its heartbeat thread stops with this test
     assert sorted(os.listdir(tmp_path / "out")) == ["a.parquet"]
 
 

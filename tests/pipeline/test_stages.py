@@ -89,8 +89,9 @@ KEY, SECRET, API_KEY = "AKIA-not-for-actors", "s3cret-not-for-actors", "api-key-
 
 def test_no_secret_travels_in_an_actors_arguments(ray_local, tiny_llava):
     """Ray shows actor arguments in its dashboard and task specs: the constructor kwargs of both
-    pools, pickled as Ray pickles them, hold no secret; the preprocessing actor still reads s3://
-    images with the configured credentials (by reference, from the object store)."""
+    pools, pickled as Ray pickles them, hold no secret; the preprocessing stage built from them
+    still has the configured credentials (by reference, from the object store). That an actor
+    reads s3:// images with them is test_s3's jobs."""
     import ray.cloudpickle as cloudpickle
 
     from pipeline.stages import PreprocessStage, generate_kwargs, preprocess_kwargs
