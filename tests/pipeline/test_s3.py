@@ -256,14 +256,11 @@ def test_two_runs_on_one_s3_output_one_proceeds(ray_local, tiny_llava, s3_endpoi
 def test_a_killed_s3_job_rerun_at_once_resumes(ray_local, tiny_llava, s3_endpoint, tmp_path):
     """SIGKILL of the whole job tree once output exists on S3, then an immediate rerun (no wait
     allowed): it takes over the dead holder's lease, runs only the missing rows, each once."""
-    import subprocess
-    import sys
     import time
 
     import yaml
 
-    from tests.conftest import ROOT
-    from tests.pipeline.test_resume import _kill_tree
+    from tests.pipeline.test_resume import _kill_tree, _start_job
 
     n = 48
     rows = [{"id": f"r{i}", "image": resized("coffee", 100 + i, 120), "prompt": f"Row {i}?"} for i in range(n)]
@@ -278,8 +275,7 @@ def test_a_killed_s3_job_rerun_at_once_resumes(ray_local, tiny_llava, s3_endpoin
         fs.invalidate_cache()  # the test's own s3fs keeps listings: see the job's writes as they land
         return [f for f in fs.find(f"{BUCKET}/killed") if f.endswith(".parquet")]
 
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(tmp_path / "job.yaml")], cwd=ROOT,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = _start_job(tmp_path / "job.yaml")
     deadline = time.monotonic() + 240
     def committed() -> set:  # ids of blocks whose checkpoint is committed (a pending block runs again)
         fs.invalidate_cache()
