@@ -125,6 +125,18 @@ def resized(name: str, h: int, w: int, fmt: str = "JPEG") -> bytes:
     return buf.getvalue()
 
 
+@pytest.fixture
+def ray_never_started(monkeypatch):
+    """For a job refused at start: fails the test if the job reaches `init_ray` (the refusal came
+    after Ray was started or joined). In-process, where `ray.is_initialized()` may be the session's."""
+    from pipeline import job
+
+    def refused(cfg):
+        pytest.fail("the job reached init_ray: its refusal did not come before Ray starts")
+
+    monkeypatch.setattr(job, "init_ray", refused)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the session, sized as the job sizes an embedded Ray (pipeline.cluster.local_cpus)."""

@@ -258,7 +258,7 @@ def test_large_string_ids_resume_exactly_once(ray_local, tiny_llava, tmp_path):
     assert sorted(read_output(cfg.output.path)) == [f"r{i}" for i in range(6)]
 
 
-def test_job_start_refusals(tiny_llava, tmp_path):
+def test_job_start_refusals(tiny_llava, tmp_path, ray_never_started):
     """What the schemas, the ids and the paths tell before any work: one line each, nothing written."""
     good = pa.table({"id": [1, 2], "image": pa.array([GOOD, GOOD], pa.binary())})
     cases = {
@@ -290,7 +290,7 @@ def test_job_start_refusals(tiny_llava, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_outputs_that_would_destroy_or_reread_the_input(tiny_llava, tmp_path):
+def test_outputs_that_would_destroy_or_reread_the_input(tiny_llava, tmp_path, ray_never_started):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     inp = _write(inputs, pa.table({"id": [1, 2], "image": pa.array([GOOD, GOOD], pa.binary())}))
@@ -312,7 +312,7 @@ def test_outputs_that_would_destroy_or_reread_the_input(tiny_llava, tmp_path):
         check_no_overlap(s3, [])
 
 
-def test_outputs_that_cannot_be_written(tiny_llava, tmp_path):
+def test_outputs_that_cannot_be_written(tiny_llava, tmp_path, ray_never_started):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     inp = _write(inputs, pa.table({"id": [1, 2], "image": pa.array([GOOD, GOOD], pa.binary())}))

@@ -163,7 +163,7 @@ def test_trust_reads_no_ids(tiny_llava, tmp_path):
     assert inspect_input(checked, open_input(checked)).ids_checked is False  # left to the cluster
 
 
-def test_missing_columns_are_named(tiny_llava, tmp_path):
+def test_missing_columns_are_named(tiny_llava, tmp_path, ray_never_started):
     cfg = _job(tiny_llava, tmp_path, [{"key": 1, "image": b"x"}])
     with pytest.raises(JobError, match=r"input: id column 'id' not found; columns are \['image', 'key'\]"):
         run_job(cfg)

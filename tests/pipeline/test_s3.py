@@ -146,7 +146,7 @@ def _no_credentials(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
 
 
-def test_s3_outputs_that_cannot_work_are_one_line_before_ray(tiny_llava, s3_endpoint, tmp_path, monkeypatch):
+def test_s3_outputs_that_cannot_work_are_one_line_before_ray(tiny_llava, s3_endpoint, tmp_path, monkeypatch, ray_never_started):
     from pipeline.errors import JobError
 
     inp = write_parquet(tmp_path / "in.parquet", [{"id": 1, "image": resized("coffee", 64, 64)}])
@@ -299,7 +299,7 @@ def test_a_killed_s3_job_rerun_at_once_resumes(ray_local, tiny_llava, s3_endpoin
     assert summary.rows_processed == n - len(written)  # only the missing rows
 
 
-def test_s3_inputs_that_cannot_be_read_are_one_line_before_ray(tiny_llava, s3_endpoint, tmp_path, monkeypatch):
+def test_s3_inputs_that_cannot_be_read_are_one_line_before_ray(tiny_llava, s3_endpoint, tmp_path, monkeypatch, ray_never_started):
     from pipeline.errors import JobError
 
     _fs(s3_endpoint).pipe(f"{BUCKET}/readable/in.parquet", open(write_parquet(tmp_path / "in.parquet", [{"id": 1, "image": b"x"}]), "rb").read())
