@@ -192,7 +192,10 @@ def test_a_replica_whose_engine_cannot_serve_is_replaced(app):
 
     ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(break_model))
     failed = chat(url, body(max_tokens=8))
-    assert failed.status_code in (500, 503), failed.text  # an engine error, or already refused as dead
+    # an engine error (500), or already refused as dead (503 engine_unavailable): never a client's 4xx
+    error = failed.json()["error"]
+    assert (failed.status_code, error["type"]) in ((500, "server_error"), (503, "server_error")), failed.text
+    assert failed.status_code == 500 or (error["code"], failed.headers["retry-after"]) == ("engine_unavailable", "1")
     wait_for(lambda: _pid_or_none() not in (None, old_pid), "a new model replica")
     answer = wait_for(lambda: (r := chat(url, body(max_tokens=8))).status_code == 200 and r, "an answer from it")
     assert answer.json()["choices"][0]["message"]["content"] == before

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 
 from deployments.errors import to_api_error
 from deployments.protocol import ChatCompletionRequest
 from pipeline.config import GenerationConfig
-from pipeline.errors import ImageError, MessagesError, PromptTooLong
+from pipeline.errors import EngineDead, ImageError, MessagesError, Overloaded, PromptTooLong
 
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}}
 
@@ -60,6 +62,27 @@ def test_unknown_fields_are_ignored_and_the_developer_role_is_the_system_prompt(
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMAGE["image_url"]["url"], "detail": "low"}},
                                      {"type": "text", "text": "Hi"}]},
     ]
+
+
+@pytest.mark.parametrize("exc, code", [
+    (Overloaded("queue full"), "overloaded"),
+    (BackPressureError(num_queued_requests=9, max_queued_requests=8), "overloaded"),  # Serve's own
+    (EngineDead("CUDA error: an illegal memory access"), "engine_unavailable"),
+    (RayActorError(), "replica_unavailable"),  # the replica stopped mid-request
+    (ActorUnavailableError("gone", None), "replica_unavailable"),
+], ids=lambda v: type(v).__name__ if isinstance(v, Exception) else v)
+def test_what_the_endpoint_cannot_take_now_is_a_503_with_retry_after(exc, code):
+    """The README's 503 codes, each with `Retry-After: 1`, by the exception's type."""
+    err = to_api_error(exc)
+    assert (err.status, err.code, err.type, err.headers) == (503, code, "server_error", {"Retry-After": "1"})
+    assert err.body()["error"]["code"] == code
+
+
+def test_an_unexpected_error_is_a_500_naming_only_its_type():
+    """A server fault (not the client's): 500 `server_error`, its text left to the server log."""
+    err = to_api_error(KeyError("/secret/path/weights.bin"))
+    assert (err.status, err.type, err.code) == (500, "server_error", None)
+    assert err.message == "internal error (KeyError); see the server log"
 
 
 def test_pipeline_errors_map_to_openai_statuses():
