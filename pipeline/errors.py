@@ -48,7 +48,8 @@ class RowError(LlavaRayError):
     kind = "input"
 
     def __init__(self, message: str):
-        super().__init__(f"{self.stage}: {message}")
+        # One line wherever it is raised: an engine's or a library's message may span several.
+        super().__init__(f"{self.stage}: {' '.join(message.splitlines())}")
 
 
 class InputError(RowError):

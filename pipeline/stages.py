@@ -142,7 +142,7 @@ class PreprocessStage:
     def _prepare(self, row: dict[str, Any] | str) -> dict[str, Any]:
         request, error = self._outcome(row, self.pre.prepare)
         if error is not None:
-            return {f.name: None for f in PREPARED_FIELDS} | {"error": one_line(error), "error_kind": error.kind}
+            return {f.name: None for f in PREPARED_FIELDS} | {"error": str(error), "error_kind": error.kind}
         return prepared_to_row(request)
 
     def _rows(self, batch: pa.Table) -> list[dict[str, Any] | str]:
@@ -159,11 +159,6 @@ class PreprocessStage:
             metric(IMAGES).inc(images)
         metric(STAGE_SECONDS).observe(time.perf_counter() - start, tags={"stage": "preprocess"})
         return with_columns(batch.select(_keep(self.cfg)), pa.Table.from_pylist(prepared, schema=pa.schema(PREPARED_FIELDS)))
-
-
-def one_line(error: RowError) -> str:
-    """A row's `error` text: one line."""
-    return " ".join(str(error).split("\n"))
 
 
 PLAN_FIELDS = [
@@ -197,7 +192,7 @@ class PlanStage(PreprocessStage):
             "image_tokens": count.image_tokens if count else None,
             "prompt_tokens": count.prompt_tokens if count else None,
             "tiles": sum(count.tiles_per_image) if count else None,
-            "predicted_error": one_line(error) if error else None,
+            "predicted_error": str(error) if error else None,
             "predicted_error_kind": error.kind if error else None,
         }
 

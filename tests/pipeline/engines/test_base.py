@@ -37,3 +37,21 @@ def test_a_lost_cuda_context_is_engine_dead_not_a_row_error(error):
 @pytest.mark.parametrize("error", RECOVERABLE, ids=lambda e: str(e)[:40])
 def test_other_errors_leave_the_engine_serving(error):
     assert not poisons_device(error)
+
+
+def test_an_engine_error_over_several_lines_is_the_rows_one_line_error():
+    """A library's multi-line message (torch's shape errors, a CUDA OOM's advice) becomes the
+    row's `error` on one line, `engine: <type>: <message>`, with error_kind `engine`."""
+    from pipeline.records import PreparedRequest
+
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nIf reserved but unallocated "
+                                   "memory is large try setting\r\nPYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    request = PreparedRequest(id="r", prompt="p", input_ids=torch.arange(5).numpy(), image_tokens=0)
+
+    def run_batch(batch):
+        raise error
+
+    [result] = generate_with_row_fallback(run_batch, [request])
+    assert result.error == ("engine: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. If reserved but "
+                            "unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    assert result.error_kind == "engine"
