@@ -17,6 +17,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
 from pipeline.errors import EngineDead, ImageError, Overloaded, PromptTooLong, RowError, describe_validation_error
+from pipeline.records import Result
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,13 @@ def validation_error(err: ValidationError) -> APIError:
 def unavailable(message: str, code: str) -> APIError:
     """503 with Retry-After: the request was fine, the endpoint cannot take it now."""
     return APIError(503, message, type="server_error", code=code, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def failed_result(result: Result) -> APIError:
+    """A request the model ran and could not answer (its Result's `engine: ...` error, after the
+    engine retried it alone): the server's failure, not the client's, so 500 `server_error` with
+    the engine's one-line cause. (Offline the same failure is the row's error.)"""
+    return APIError(500, result.error, type="server_error")
 
 
 def to_api_error(exc: Exception) -> APIError:

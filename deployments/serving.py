@@ -29,7 +29,7 @@ from pipeline.metrics import REQUEST_SECONDS, REQUESTS, TIME_PER_OUTPUT_TOKEN, T
 from pipeline.preprocess import Preprocessor
 from pipeline.records import PreparedRequest, Result
 
-from .errors import APIError, to_api_error
+from .errors import APIError, failed_result, to_api_error
 from .protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -119,7 +119,7 @@ async def sse_events(request_id: str, model: str, first, deltas, include_usage: 
                     timing.first_text()
                 yield chunk(Delta(content=item))
         if result.error:
-            raise APIError(500, result.error, type="server_error")
+            raise failed_result(result)
         yield chunk(Delta(), result.finish_reason)
         if include_usage:
             usage = ChatCompletionChunk(id=request_id, model=model, choices=[], usage=Usage.of(result))
@@ -264,7 +264,7 @@ class LlavaIngressServer:
             return await self._stream(request_id, prepared, sampling, include_usage, timing)
         result: Result = await self.model.generate.remote(prepared, sampling)
         if result.error:
-            raise APIError(500, result.error, type="server_error")
+            raise failed_result(result)
         return Response(ChatCompletion.of(request_id, self.served_name, result).model_dump_json(), media_type="application/json")
 
     async def _stream(self, request_id: str, prepared: PreparedRequest, sampling, include_usage: bool, timing: Timing) -> Response:

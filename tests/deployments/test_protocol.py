@@ -78,6 +78,17 @@ def test_what_the_endpoint_cannot_take_now_is_a_503_with_retry_after(exc, code):
     assert err.body()["error"]["code"] == code
 
 
+def test_a_request_the_engine_could_not_answer_is_a_500_with_its_cause():
+    """The engine failed on this request alone (after its batch was retried row by row): the
+    server's failure, with the engine's one-line cause, not a client's 4xx."""
+    from deployments.errors import failed_result
+    from pipeline.errors import EngineError
+    from pipeline.records import Result
+
+    err = failed_result(Result.failed("r", EngineError.wrap(RuntimeError("probability tensor contains inf")), 7))
+    assert (err.status, err.type, err.message) == (500, "server_error", "engine: RuntimeError: probability tensor contains inf")
+
+
 def test_an_unexpected_error_is_a_500_naming_only_its_type():
     """A server fault (not the client's): 500 `server_error`, its text left to the server log."""
     err = to_api_error(KeyError("/secret/path/weights.bin"))
