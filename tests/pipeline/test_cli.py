@@ -1,6 +1,7 @@
 """The `llava-ray` command as a user runs it: exit codes, one-line errors, summaries, the demo."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,6 +92,9 @@ def test_run_exit_codes_and_one_line_errors(tmp_path, tiny_llava):
     res = cli_here("run", job, "--set", "model.name=" + str(tmp_path))  # a folder that is not a checkpoint
     assert res.returncode == 2 and res.stderr.startswith(f"config error: model.name: '{tmp_path}' is not a loadable checkpoint")
     assert len(res.stderr.strip().splitlines()) == 1
+    res = cli_here("run", job, "--retry-failed", "fetch,bogus")
+    assert (res.returncode, res.stderr.strip()) == (2, "config error: --retry-failed: unknown error kinds ['bogus']; use some of "
+                                                       "input, fetch, decode, limits, prompt, messages, engine")
     assert not (tmp_path / "out").exists()  # nothing started
 
 
@@ -120,6 +124,9 @@ def test_run_prints_the_summary_and_keep_first_keeps_the_first_in_input_order(ra
     assert lines[3] == f"output: {tmp_path / 'out'}"
     out = read_output(tmp_path / "out")
     assert {i: r["src"] for i, r in out.items()} == {100: "f0", 7: "first", **{f: f"f{f}" for f in range(6)}}
+    rate, tokens_rate, seconds = map(float, re.fullmatch(r"([\d.]+) rec/s, ([\d.]+) generated tokens/s in ([\d.]+) s", lines[1]).groups())
+    tokens = sum(r["completion_tokens"] for r in out.values())  # the rates are of the output's rows and tokens
+    assert rate * seconds == pytest.approx(8, rel=0.05) and tokens_rate * seconds == pytest.approx(tokens, rel=0.05)
 
 
 def _as_a_background_job():
