@@ -12,9 +12,9 @@ from typing import Any
 
 from .config import ModelConfig
 from .errors import ConfigError
-from .families import FAMILIES, PRESETS, FamilySpec, family_spec
+from .families import FAMILIES, FamilySpec, family_spec
 from .image_facts import ImageFacts
-from .layouts import matching
+from .layouts import PRESETS, matching
 
 
 def resolve_model_name(name: str) -> str:

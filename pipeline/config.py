@@ -36,7 +36,7 @@ class QuantizationConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: str = Field(description="hub id, local path, or a preset short name (pipeline.families.PRESETS)")
+    name: str = Field(description="hub id, local path, or a preset short name (pipeline.layouts.PRESETS)")
     family: Literal["auto", "llava", "llava_next"] = "auto"
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -22,21 +22,6 @@ FAMILIES: dict[str, FamilySpec] = {
     ),
 }
 
-# Short names for real checkpoints, usable as `model.name`.
-PRESETS: dict[str, str] = {
-    "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
-    "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
-    "llava-v1.6-mistral-7b": "llava-hf/llava-v1.6-mistral-7b-hf",
-    "llava-v1.6-vicuna-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
-    "llava-v1.6-vicuna-13b": "llava-hf/llava-v1.6-vicuna-13b-hf",
-    "llava-v1.6-34b": "llava-hf/llava-v1.6-34b-hf",
-    "llava-interleave-qwen-0.5b": "llava-hf/llava-interleave-qwen-0.5b-hf",
-    "llava-interleave-qwen-7b": "llava-hf/llava-interleave-qwen-7b-hf",
-    "llama3-llava-next-8b": "llava-hf/llama3-llava-next-8b-hf",
-    "llava-next-72b": "llava-hf/llava-next-72b-hf",
-}
-
-
 def family_spec(name: str) -> FamilySpec:
     key = name.replace("-", "_")
     if key not in FAMILIES:

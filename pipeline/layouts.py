@@ -171,6 +171,14 @@ LAYOUTS: dict[str, Layout] = {layout.hub_id: layout for layout in [
 
 DEFAULT_LAYOUTS = {"llava": "llava-hf/llava-1.5-7b-hf", "llava_next": "llava-hf/llava-v1.6-mistral-7b-hf"}
 
+# Short names usable as `model.name`: every layout's, and llava-hf checkpoints of a listed layout's
+# structure at another size (so a new Layout is a preset without a second list to keep).
+PRESETS: dict[str, str] = {item.short_name: item.hub_id for item in LAYOUTS.values()} | {
+    "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
+    "llava-v1.6-vicuna-13b": "llava-hf/llava-v1.6-vicuna-13b-hf",
+    "llava-interleave-qwen-7b": "llava-hf/llava-interleave-qwen-7b-hf",
+}
+
 
 def matching(family: str, text_type: str, vision_type: str, strategy: str) -> Layout | None:
     """The layout a checkpoint has by its structure (config.json), or None for one not listed."""

@@ -147,3 +147,19 @@ def test_llava_interleave_takes_several_images_in_one_row_and_llava_1_5_one(chec
 
     with pytest.raises(LimitsError, match=r"^image: 2 images in one row; llava takes at most 1 "):
         one.prepare(Record(id="two", images=images[:2], prompt=prompt))
+
+
+def test_presets_and_tiny_names_resolve(tmp_path, monkeypatch):
+    """`model.name` as a preset is its llava-hf hub id (every layout's short name, and the larger
+    sizes of a listed layout); `tiny-<short name>` is that layout built tiny into the cache."""
+    from pipeline.checkpoint import resolve_model_name
+
+    for spec in LAYOUTS.values():
+        assert resolve_model_name(spec.short_name) == spec.hub_id
+    assert resolve_model_name("llava-v1.6-vicuna-13b") == "llava-hf/llava-v1.6-vicuna-13b-hf"
+    assert resolve_model_name("my-org/my-llava") == "my-org/my-llava"  # anything else is a hub id or a path
+    monkeypatch.setenv("LLAVA_RAY_CACHE", str(tmp_path))
+    path = resolve_model_name("tiny-llava-interleave-qwen-0.5b")
+    assert path == str(tmp_path / "tiny-llava-interleave-qwen-0.5b")
+    config = tf.AutoConfig.from_pretrained(path)
+    assert (config.text_config.model_type, config.vision_config.model_type) == ("qwen2", "siglip_vision_model")
