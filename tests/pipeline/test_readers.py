@@ -35,7 +35,7 @@ def _config(ckpt, path, out, **extra):
                         "resources": {"rows_per_block": 2, "model_batch_size": 2, "preprocess_batch_size": 2}} | extra)
 
 
-@pytest.mark.parametrize("fmt, ext", [("json", "jsonl"), ("csv", "csv")])
+@pytest.mark.parametrize("fmt, ext", [("json", "jsonl"), ("json", "json"), ("json", "ndjson"), ("csv", "csv")])
 def test_auto_reads_a_manifest_by_its_extension_and_says_so(tiny_llava, tmp_path, caplog, fmt, ext):
     rows = [{"key": f"k{i}", "URL": f"/x/{i}.jpg", "TEXT": None if i == 1 else f"alt {i}"} for i in range(3)]
     (tmp_path / f"a.{ext}").write_bytes(_manifest(fmt, rows[:2]))
@@ -159,6 +159,29 @@ def test_image_ids_are_paths_under_the_folder_glob_or_file(tiny_llava, tmp_path)
         plan = inspect_input(cfg, open_input(cfg))
         assert (plan.reader.format, plan.columns, plan.reader.ids("id").to_pylist()) == ("images", ["id", "image_path"], ids)
     assert plan.reader.urls == [f"{tmp_path}/in/000.png"]
+
+
+# The README's image files, each written in its own format: a folder of them is one row each, and
+# the CPU stage decodes every one.
+IMAGE_FILES = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF", "bmp": "BMP", "tif": "TIFF",
+               "tiff": "TIFF"}
+
+
+def test_every_image_extension_the_readme_names_is_a_row_and_decodes(tiny_llava, tmp_path):
+    import pyarrow as pa
+
+    from pipeline.stages import PreprocessStage
+
+    put = _local_put(tmp_path / "in")
+    for ext, fmt in IMAGE_FILES.items():
+        put(f"photo.{ext}", encode(photo("coffee")[::8, ::8], fmt))
+    put("notes.txt", b"not an image")
+    cfg = load_config({"model": {"name": tiny_llava}, "input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")}})
+    plan = inspect_input(cfg, open_input(cfg))
+    assert (plan.reader.format, sorted(plan.reader.ids("id").to_pylist())) == ("images", sorted(f"photo.{e}" for e in IMAGE_FILES))
+    rows = pa.table({"id": [f"photo.{e}" for e in IMAGE_FILES], "image_path": [str(tmp_path / "in" / f"photo.{e}") for e in IMAGE_FILES]})
+    prepared = PreprocessStage(cfg.model_dump())(rows)
+    assert prepared.column("error").to_pylist() == [None] * len(IMAGE_FILES)
 
 
 @pytest.mark.slow
