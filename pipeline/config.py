@@ -168,8 +168,9 @@ class OutputConfig(_Strict):
     mode: Literal["resume", "overwrite"] = "resume"
     # parquet, or jsonl (JSON Lines, one object per row; files named .json as Ray writes them)
     format: Literal["parquet", "jsonl"] = "parquet"
-    # A crashed run's lease on the output expires after this long without a heartbeat
-    # (pipeline/lease.py says why 90 s).
+    # A crashed run's lease on the output expires after this long without a heartbeat (one every
+    # expiry / 3): 90 s lets a holder miss two beats (a slow store, a long pause) before another
+    # run may take over, and is what a RayJob retry on another pod waits at most.
     lease_expiry_s: float = Field(default=90.0, ge=5.0)
     # How long a new run waits for a lease whose holder (elsewhere) may have stopped beating
     # before it refuses; None: the expiry, so a RayJob retry after a lost pod just proceeds.
@@ -186,7 +187,7 @@ class ResourcesConfig(_Strict):
     model_cpus: float = Field(default=0.5, ge=0)
     num_gpus_per_actor: float = Field(default=0.0, ge=0)
     model_batch_size: int = Field(default=8, ge=1)
-    # Bounds the rows per Ray Data block, which bounds what a stop can lose (ARCHITECTURE.md, "Resume").
+    # Bounds the rows per Ray Data block, which bounds what a stop can lose (ARCHITECTURE.md, "Job start, resume and the one writer").
     rows_per_block: int = Field(default=128, ge=1, le=2048)
     # Custom Ray resources each actor of a pool asks for, to place the pool on a node group: e.g.
     # {"model_node": 1} with the GPU workers started with `--resources='{"model_node": 8}'`.

@@ -41,6 +41,9 @@ def _within(inner: tuple[str, str], outer: tuple[str, str]) -> bool:
     return inner[0] == outer[0] and (inner[1] == outer[1] or inner[1].startswith(outer[1].rstrip("/") + "/"))
 
 
+_FORMAT_NAMES = {"parquet": "Parquet", "jsonl": "JSON Lines"}  # output.format -> what its files are
+
+
 def check_no_overlap(cfg: Config, input_files: list[str]) -> None:
     """Refuse an output (or checkpoint) that equals, holds or lies inside an input."""
     inputs = [cfg.input.path] if isinstance(cfg.input.path, str) else list(cfg.input.path)
@@ -71,7 +74,7 @@ def check_writable(cfg: Config) -> None:
             except FileNotFoundError:
                 raise JobError(f"output.path: bucket {bucket!r} does not exist (or these credentials cannot see it)") from None
         elif fs.exists(path) and not fs.isdir(path):
-            raise JobError(f"output.path: {url} is a file; the output is a folder of Parquet files")
+            raise JobError(f"output.path: {url} is a file; the output is a folder of {_FORMAT_NAMES[cfg.output.format]} files")
         fs.makedirs(path, exist_ok=True)
         probe = posixpath.join(path, f".llava-ray-write-check-{uuid.uuid4().hex}")
         with fs.open(probe, "wb") as f:

@@ -111,7 +111,7 @@ class Progress:
             if n:
                 metric(name).inc(n)
 
-    def eta_s(self, now: float, rows_per_s: float) -> float | None:
+    def eta_s(self, rows_per_s: float) -> float | None:
         remaining = self.total - self.before.rows - self.run.rows
         return remaining / rows_per_s if rows_per_s > 0 else (0.0 if remaining <= 0 else None)
 
@@ -123,7 +123,7 @@ class Progress:
         self._last = (now, self.run.rows, self.run.generated_tokens)
         done = self.before.rows + self.run.rows
         pct = 100.0 * done / self.total if self.total else 100.0
-        eta = self.eta_s(now, rate)
+        eta = self.eta_s(rate)
         return (
             f"progress: {done}/{self.total} rows ({pct:.1f}%), ok {self.before.ok + self.run.ok}, "
             f"failed {self.before.failed + self.run.failed}, {rate:.2f} rec/s, {token_rate:.1f} generated tokens/s, "

@@ -328,6 +328,10 @@ def test_outputs_that_cannot_be_written(tiny_llava, tmp_path, ray_never_started)
     with pytest.raises(JobError) as e:
         run_job(load_config(data))
     assert str(e.value) == f"output.path: {a_file} is a file; the output is a folder of Parquet files"
+    data["output"]["format"] = "jsonl"
+    with pytest.raises(JobError) as e:
+        run_job(load_config(data))
+    assert str(e.value) == f"output.path: {a_file} is a file; the output is a folder of JSON Lines files"
 
 
 @pytest.mark.parametrize("settings, message", [
