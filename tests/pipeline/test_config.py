@@ -8,10 +8,61 @@ from pipeline.errors import ConfigError
 from tests.conftest import ROOT
 
 
-def test_shipped_configs_validate():
+def _leaves(data: dict, path: tuple = ()):
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, (*path, key))
+        else:
+            yield (*path, key), value
+
+
+def test_shipped_configs_validate_and_restate_no_default():
+    """Each default is defined once (pipeline/config.py); a shipped config only overrides: every
+    key it sets gives a value other than the config would have without it."""
+    import copy
+
+    import yaml
+
     for path in sorted((ROOT / "configs").glob("*.yaml")):
-        cfg = load_config(path)
-        assert cfg.model.name
+        data = yaml.safe_load(path.read_text())
+        load_config(path)
+        restated = []
+        for keys, value in _leaves(data):
+            without = copy.deepcopy(data)
+            parent = without
+            for k in keys[:-1]:
+                parent = parent[k]
+            del parent[keys[-1]]
+            try:
+                dumped = load_config(without).model_dump()
+            except ConfigError:  # a required key (model.name, input.path, ...)
+                continue
+            for k in keys:
+                dumped = dumped[k]
+            if dumped == value:
+                restated.append(".".join(keys))
+        assert restated == [], path.name
+
+
+def test_the_laion_config_reads_a_laion_manifest(tmp_path):
+    """configs/laion-recaption.yaml on a LAION-style manifest (key, URL, TEXT): the ids are its
+    keys, the images its URLs, and each row's prompt its alt text in the template."""
+    import json
+
+    from pipeline.inputs import inspect_input
+    from pipeline.readers import open_input
+    from pipeline.records import Record
+
+    rows = [{"key": "000001", "URL": "https://example.com/a.jpg", "TEXT": "a red bicycle"},
+            {"key": "000002", "URL": "https://example.com/b.jpg", "TEXT": "two cats"}]
+    (tmp_path / "part-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(ROOT / "configs" / "laion-recaption.yaml",
+                      [f"input.path={tmp_path}/part-*.jsonl", f"output.path={tmp_path / 'out'}", "model.name=m"])
+    plan = inspect_input(cfg, open_input(cfg))
+    assert (plan.reader.format, plan.rows, plan.ids.to_pylist()) == ("json", 2, ["000001", "000002"])
+    record = Record.from_row(rows[0], cfg.input.columns, cfg.prompt.template)
+    assert (record.id, record.images) == ("000001", ["https://example.com/a.jpg"])
+    assert record.prompt == "The alt text is: a red bicycle. Write a detailed caption for this image."
 
 
 def test_defaults_live_in_the_model_and_overrides_apply(tmp_path):
