@@ -102,3 +102,25 @@ def test_backend_vllm_without_vllm_names_what_to_install(tiny_llava, tmp_path):
     res = cli_here("check-config", str(f), "--set", "backend=vllm")
     assert res.returncode != 0
     assert res.stderr.splitlines() == ["config error: backend: 'vllm' needs the vllm extra: pip install 'llava-ray[vllm]'"]
+
+
+@pytest.mark.parametrize("settings, installed, gpu, message", [
+    ({"backend": "vllm", "resources": {"num_gpus_per_actor": 1}}, {"vllm"}, False,
+     "backend: 'vllm' needs a CUDA GPU and none is visible; use backend=transformers"),
+    ({"model": {"attn_implementation": "flash_attention_2"}}, set(), True,
+     "model.attn_implementation: flash_attention_2 needs: pip install flash-attn; or use sdpa"),
+    ({"model": {"quantization": {"mode": "4bit"}}}, set(), True, "model.quantization.mode: 4bit needs: pip install 'llava-ray[quant]'"),
+    ({"model": {"quantization": {"mode": "8bit"}}}, set(), True, "model.quantization.mode: 8bit needs: pip install 'llava-ray[quant]'"),
+    ({"model": {"device": "cuda"}}, set(), False, "model.device: 'cuda' but no CUDA GPU is visible; use model.device=auto or cpu"),
+], ids=["vllm-no-gpu", "flash-attn-missing", "4bit-no-bitsandbytes", "8bit-no-bitsandbytes", "cuda-no-gpu"])
+def test_what_the_machine_lacks_is_one_line_naming_the_fix(tiny_llava, monkeypatch, settings, installed, gpu, message):
+    """The machine's facts (packages found, a GPU or a cluster) set here, so each branch runs on
+    any machine; the check refuses before opening the checkpoint."""
+    from pipeline import checks
+
+    monkeypatch.setattr(checks, "_has", lambda module: module in installed)
+    monkeypatch.setattr(checks, "cuda_available", lambda: gpu)
+    model = {"name": tiny_llava, **settings.get("model", {})}
+    with pytest.raises(ConfigError) as e:
+        check_environment(load_config({**settings, "model": model}))
+    assert str(e.value) == message
