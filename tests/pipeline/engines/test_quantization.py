@@ -105,3 +105,19 @@ def test_four_bit_lowers_the_kernels_peak_rss_and_the_footprint(tmp_path):
     assert four["footprint_bytes"] < 0.2 * fp32["footprint_bytes"]
     assert four["hwm_bytes"] < 0.75 * fp32["hwm_bytes"], (four, fp32)
     assert four["anon_after_bytes"] < 0.5 * fp32["anon_after_bytes"], (four, fp32)
+
+
+def test_every_4bit_setting_reaches_the_loaded_layers(tiny_llava):
+    """fp4, float16 compute, double quantization and a custom skip list (here the language model's
+    first layer's MLP kept full too): each is what the loaded Linear4bit layers carry, and the
+    row's backend label names them."""
+    q = {"mode": "4bit", "bnb_4bit_quant_type": "fp4", "bnb_4bit_compute_dtype": "float16", "bnb_4bit_use_double_quant": True,
+         "skip_modules": ["model.vision_tower", "model.multi_modal_projector", "lm_head", "model.language_model.layers.0.mlp"]}
+    engine = hf_engine(load_config({"model": {"name": tiny_llava, "quantization": q}}))
+    quantized = {name: m for name, m in engine.model.named_modules() if type(m).__name__ == "Linear4bit"}
+    assert quantized and not [n for n in quantized if n.startswith(("model.vision_tower", "model.multi_modal_projector",
+                                                                     "model.language_model.layers.0.mlp"))]
+    assert type(engine.model.get_submodule("model.language_model.layers.0.mlp.up_proj")).__name__ == "Linear"
+    for module in quantized.values():
+        assert (module.weight.quant_type, module.compute_dtype, module.weight.compress_statistics) == ("fp4", torch.float16, True)
+    assert engine.backend == "transformers/float32/sdpa/bnb-4bit-fp4-float16"
