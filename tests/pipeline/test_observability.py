@@ -83,6 +83,7 @@ def test_metrics_scraped_while_the_job_runs_equal_the_output_and_progress_reache
     assert value(last, "ray_llava_ray_rows_total") == 10  # nothing else
     assert (value(last, "ray_llava_ray_prompt_tokens_total"), value(last, "ray_llava_ray_image_tokens_total"),
             value(last, "ray_llava_ray_generated_tokens_total")) == (counts["prompt"], counts["image"], counts["generated"])
+    assert value(last, "ray_llava_ray_images_total") == 8  # one per row that prepared (decode/fetch errors: none)
     assert value(last, "ray_llava_ray_stage_seconds_count", stage="preprocess") >= 1
     assert value(last, "ray_llava_ray_stage_seconds_count", stage="generate") >= 1
 
