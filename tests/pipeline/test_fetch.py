@@ -186,6 +186,23 @@ def test_status_errors_and_retries(server):
     assert [p for p, _ in server.seen] == ["/nope", "/busy", "/busy", "/busy"]
 
 
+@pytest.mark.parametrize("status, retried", [(429, True), (502, True), (503, True), (504, True), (500, False), (403, False)])
+def test_the_transient_statuses_are_retried_and_others_not(server, status, retried):
+    fetch = _cfg(allowed_private_hosts=["127.0.0.1"], retries=1)
+    url = server.add(f"/s{status}", b"", status=status)
+    assert _refused(url, fetch) == f"image: HTTP {status} from {url}" + (" (after 2 attempts)" if retried else "")
+    assert [p for p, _ in server.seen] == [f"/s{status}"] * (2 if retried else 1)
+
+
+def test_a_refused_connection_is_retried(server):
+    from tests.conftest import free_port
+
+    port = free_port()  # nothing listens there
+    url = f"http://127.0.0.1:{port}/img.png"
+    message = _refused(url, _cfg(allowed_private_hosts=["127.0.0.1"], retries=1))
+    assert message.startswith(f"image: cannot connect to 127.0.0.1:{port}: ") and message.endswith(" (after 2 attempts)"), message
+
+
 def test_pixel_cap_stops_a_decompression_bomb(server):
     bomb = encode(np.zeros((3000, 3000, 3), dtype=np.uint8))  # 9 MP that compress to a few KiB
     assert len(bomb) < 100_000
