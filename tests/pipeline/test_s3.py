@@ -197,6 +197,23 @@ def test_s3_images_that_cannot_be_read_name_the_url(tiny_llava, s3_endpoint, tmp
     assert b == f"image: cannot read s3://{BUCKET}/corpus/good1.img: NoCredentialsError: Unable to locate credentials"
 
 
+def test_credentials_come_from_the_aws_environment_variables(tiny_llava, s3_endpoint, tmp_path, monkeypatch):
+    """`storage` without key and secret (a RayJob's Secret sets the variables): images are read
+    and the output is writable with the standard AWS variables' credentials."""
+    from pipeline.outputs import check_writable
+    from pipeline.stages import PreprocessStage
+
+    _fs(s3_endpoint).pipe(f"{BUCKET}/corpus/env.img", resized("rocket", 120, 160))
+    _no_credentials(monkeypatch, tmp_path)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    storage = {"endpoint_url": s3_endpoint, "region": "us-east-1"}
+    cfg = {"model": {"name": tiny_llava}, "input": {"path": "unused"}, "output": {"path": f"s3://{BUCKET}/env-out/"}, "storage": storage}
+    prepared = PreprocessStage(cfg)(pa.table({"id": [1], "image_path": [f"s3://{BUCKET}/corpus/env.img"]}))
+    assert (prepared.column("error").to_pylist(), prepared.column("_image_sizes").to_pylist()) == ([None], [[120, 160]])
+    check_writable(load_config(cfg))  # the start-up check writes and removes a probe there
+
+
 def test_hand_damaged_s3_output_and_checkpoint_are_reconciled(ray_local, tiny_llava, s3_endpoint, tmp_path):
     """As on local disk (tests/pipeline/test_exactly_once.py), on S3: the output is the truth."""
     rows = [{"id": f"r{i}", "image": resized("coffee", 100 + i, 120), "prompt": f"Row {i}?"} for i in range(6)]
