@@ -155,3 +155,17 @@ def test_a_phone_photo_decoded_reduced_gives_vllm_the_transformers_backends_tile
         assert np.abs(ours[0].astype(int) - transformers_tiles[0].astype(int)).mean() < 1.0
     full = pre.processor(images=[_pil(data)], text=prompt, return_tensors="np")["input_ids"][0]
     assert req.prompt_tokens == len(full) and req.image_tokens == int((full == pre.image_token_id).sum())
+
+
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_llava_next"])
+def test_exact_sends_vllm_every_image_as_decoded_at_full_size(request, family):
+    """`preprocess.exact: true` on the vLLM backend: no reduced decode and no working size, so
+    vLLM's processor gets the photo's own pixels; its token count is the processor's on the photo."""
+    pre = preprocessor(_cfg(request.getfixturevalue(family), backend="vllm", preprocess={"exact": True}))
+    assert pre.pixels is None
+    data = resized("coffee", 1500, 2000)
+    req = pre.prepare(Record(id="r", images=[data], prompt="What is this?"))
+    [image] = req.images
+    np.testing.assert_array_equal(image, np.asarray(_pil(data)))  # 1500 x 2000, as decoded
+    full = pre.processor(images=[_pil(data)], text=req.prompt, return_tensors="np")["input_ids"][0]
+    assert (req.prompt_tokens, req.image_tokens) == (len(full), int((full == pre.image_token_id).sum()))
