@@ -77,16 +77,18 @@ def preflight(cfg: Config) -> tuple[Checkpoint, InputPlan]:
 
 
 def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: bool | list[str], lease: Lease) -> JobSummary:
+    fence = lease.fence()  # every change to the output and its checkpoint: only while this run holds it
     if cfg.output.mode == "overwrite":
+        fence()
         remove_tree(cfg.output.path, cfg.storage)
         remove_tree(checkpoint_path(cfg), cfg.storage)
         output_ids = None
     else:
-        finish_commits(cfg)
+        finish_commits(cfg, fence)
         if retry_failed:
-            drop_failed_rows(cfg, None if retry_failed is True else list(retry_failed))
+            drop_failed_rows(cfg, None if retry_failed is True else list(retry_failed), fence)
         # every committed output id, when reconcile read them within the driver's bound (else None)
-        output_ids = reconcile(cfg, plan.id_type, lambda files: output_repeats(cfg, files, plan.id_type)).output_ids
+        output_ids = reconcile(cfg, plan.id_type, lambda files: output_repeats(cfg, files, plan.id_type), fence).output_ids
     # Data files of a block whose commit a stop interrupted are deleted by Ray Data at start
     # (their rows run again): they are neither done before this run nor written by it.
     committed, uncommitted = split_output(cfg)
@@ -103,7 +105,7 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
     whole = before + progress.run
     summary = summarize(cfg, whole, progress.run, seconds, plan.dropped_duplicates)
     record = manifest.entry(cfg, checkpoint, started, seconds, whole, progress.run, summary.backend)
-    summary.manifest = manifest.append(cfg, record)
+    summary.manifest = manifest.append(cfg, record, fence)
     if cfg.observability.metrics_port:  # one more export, so a scrape sees the final counts
         time.sleep(2 * METRICS_REPORT_S)
     return summary

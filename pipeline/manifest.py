@@ -13,6 +13,7 @@ import json
 import posixpath
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 from .checkpoint import Checkpoint
 from .config import SECRETS, Config
@@ -72,13 +73,14 @@ def entry(cfg: Config, checkpoint: Checkpoint, started: dt.datetime, seconds: fl
     }
 
 
-def append(cfg: Config, record: dict) -> str:
-    """Append `record` to the output's manifest (a JSON list), replacing the file atomically."""
+def append(cfg: Config, record: dict, fence: Callable[[], None] | None = None) -> str:
+    """Append `record` to the output's manifest (a JSON list), replacing the file atomically
+    (with the lease's `fence`: only while this run still holds the output)."""
     fs, root = fsspec_fs(cfg.output.path, cfg.storage)
     path = posixpath.join(root, NAME)
     entries = json.loads(fs.cat_file(path)) if fs.exists(path) else []
     entries.append(record)
     fs.makedirs(root, exist_ok=True)
-    with open_atomic(fs, path) as f:
+    with open_atomic(fs, path, fence) as f:
         f.write(json.dumps(entries, indent=1).encode())
     return path

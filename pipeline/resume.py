@@ -28,6 +28,14 @@ from .storage import fsspec_fs, open_atomic, output_files, read_output_file, wri
 logger = logging.getLogger(__name__)
 
 PENDING = ".pending.parquet"
+# The lease's fence (lease.Fence), called before each change to the output or checkpoint: a run
+# whose lease was taken over changes nothing more. None: no lease (tests, benchmarks).
+Fence = Callable[[], None] | None
+
+
+def _check(fence: Fence) -> None:
+    if fence is not None:
+        fence()
 
 
 def checkpoint_path(cfg: Config) -> str:
@@ -58,7 +66,7 @@ def _pending_prefixes(cfg: Config) -> tuple[list[str], tuple[str, ...]]:
     return [p for p in found if not p.endswith(PENDING)], pending
 
 
-def finish_commits(cfg: Config) -> int:
+def finish_commits(cfg: Config, fence: Fence = None) -> int:
     """Drop each pending checkpoint file whose committed twin exists; returns how many.
 
     A commit renames `<base>.pending.parquet` to `<base>.parquet`; on an object store a rename is
@@ -71,6 +79,7 @@ def finish_commits(cfg: Config) -> int:
     names = {posixpath.basename(p) for p in ckpt_fs.find(root)}
     done = [n for n in names if n.endswith(PENDING) and n[: -len(PENDING)] + ".parquet" in names]
     for name in done:
+        _check(fence)
         ckpt_fs.rm(posixpath.join(root, name))
     if done:
         logger.info("checkpoint: %d commits a stop interrupted after the copy were finished", len(done))
@@ -87,7 +96,7 @@ def split_output(cfg: Config) -> tuple[list[str], list[str]]:
     return [f for f in files if f not in doomed], doomed
 
 
-def drop_failed_rows(cfg: Config, kinds: list[str] | None = None) -> int:
+def drop_failed_rows(cfg: Config, kinds: list[str] | None = None, fence: Fence = None) -> int:
     """Remove rows with an `error` (of `kinds`, or any) from the output, so the next run
     processes them again: `reconcile` then drops their ids from the checkpoint (the output is
     the truth). Returns how many rows were removed."""
@@ -100,7 +109,7 @@ def drop_failed_rows(cfg: Config, kinds: list[str] | None = None) -> int:
             failed = pc.and_(failed, pc.fill_null(pc.is_in(table.column("error_kind"), value_set=pa.array(kinds)), False))
         n_failed = pc.sum(failed.cast("int64")).as_py() or 0
         if n_failed:
-            write_output_file(out_fs, path, table.filter(pc.invert(failed)))
+            write_output_file(out_fs, path, table.filter(pc.invert(failed)), fence)
             removed += n_failed
     logger.info("retry-failed: %d rows will be processed again", removed)
     return removed
@@ -154,7 +163,7 @@ class Reconciled(NamedTuple):
     output_ids: pa.ChunkedArray | None  # every committed output id; None past the driver's bound
 
 
-def reconcile(cfg: Config, id_type: pa.DataType, repeats_on_cluster: Callable[[list[str]], int]) -> Reconciled:
+def reconcile(cfg: Config, id_type: pa.DataType, repeats_on_cluster: Callable[[list[str]], int], fence: Fence = None) -> Reconciled:
     """Make the checkpoint agree with the output, block by block.
 
     The driver holds one block's ids at a time; whether two blocks repeat an id is counted on the
@@ -201,11 +210,12 @@ def reconcile(cfg: Config, id_type: pa.DataType, repeats_on_cluster: Callable[[l
     ckpt_fs.makedirs(root, exist_ok=True)
     for ckpt, files in stale:  # each block's list replaced atomically: a stop leaves the rest to the next start
         if not files:
+            _check(fence)
             ckpt_fs.rm(ckpt)
             continue
         ids = pa.table({id_col: _ids(out_fs, files, id_col, "output", id_type).combine_chunks()})
         stem = posixpath.basename(files[0]).rsplit(".", 1)[0]
-        with open_atomic(ckpt_fs, ckpt or posixpath.join(root, f"{stem}.parquet")) as f:
+        with open_atomic(ckpt_fs, ckpt or posixpath.join(root, f"{stem}.parquet"), fence) as f:
             pq.write_table(ids, f)
     note = (f"checkpoint rebuilt from the output for {len(stale)} blocks: {lost} checkpointed ids had no output row "
             f"(they run again), {unlisted} output rows were missing from the checkpoint (they do not)")

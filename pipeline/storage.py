@@ -246,11 +246,12 @@ def read_output_file(fs, path: str, columns: list[str] | None = None):
     return table if columns is None else table.select([c for c in columns if c in table.column_names])
 
 
-def write_output_file(fs, path: str, table) -> None:
-    """Replace an output data file atomically, in its own format (JSON Lines as Ray writes it)."""
+def write_output_file(fs, path: str, table, fence: Callable[[], None] | None = None) -> None:
+    """Replace an output data file atomically, in its own format (JSON Lines as Ray writes it);
+    with a `fence`, only while it passes."""
     import pyarrow.parquet as pq
 
-    with open_atomic(fs, path) as f:
+    with open_atomic(fs, path, fence) as f:
         if path.endswith(".parquet"):
             pq.write_table(table, f)
         else:

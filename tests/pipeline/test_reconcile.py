@@ -126,3 +126,43 @@ def test_all_done_when_every_input_id_has_an_output_row(tmp_path):
     assert all_done(pa.chunked_array([["c", "g", "e", "c"]]), written)  # output rows of ids gone from the input are fine
     assert not all_done(pa.chunked_array([["c", "z"]]), written)  # z: a new input row
     assert not all_done(pa.chunked_array([["a"]]), written)
+
+
+def test_a_run_whose_lease_was_taken_over_changes_nothing_at_start_or_end(tmp_path):
+    """Besides the blocks (test_lease), every change a run makes to its output and checkpoint goes
+    through its lease's fence: the retry-failed rewrite, the checkpoint rebuild, a finished
+    commit and the manifest. A run whose lease another run holds now changes none of them."""
+    import json
+
+    from pipeline import manifest
+    from pipeline.errors import LeaseLost
+    from pipeline.lease import Lease
+    from pipeline.resume import PENDING, drop_failed_rows
+
+    cfg = _config(tmp_path)
+    cfg.output.lease_wait_s = 0
+    _write(cfg, BLOCKS, listed={"w_000000": ["a"]})  # a checkpoint to rebuild
+    for f in Path(cfg.output.path).glob("*.parquet"):  # rows with an `error` column; row "e" failed
+        t = pq.read_table(f)
+        pq.write_table(t.append_column("error", pa.array(["image: not found" if i == "e" else None for i in t.column("id").to_pylist()], pa.string())), f)
+    ckpt = Path(checkpoint_path(cfg))
+    pq.write_table(pa.table({"id": pa.array(["a"], pa.string())}), ckpt / f"w_000000{PENDING}")  # a commit to finish
+    (Path(cfg.output.path) / manifest.NAME).write_text(json.dumps([{"run": "earlier"}]))
+    before = {p: p.read_bytes() for p in [*Path(cfg.output.path).iterdir(), *ckpt.iterdir()]}
+
+    mine = Lease(cfg).acquire()
+    fence = mine.fence()
+    mine.release()
+    other = Lease(cfg).acquire()  # another run holds the output now
+    try:
+        for change in (lambda: drop_failed_rows(cfg, None, fence), lambda: reconcile(cfg, pa.string(), _never, fence),
+                       lambda: finish_commits(cfg, fence), lambda: manifest.append(cfg, {"run": "mine"}, fence)):
+            with pytest.raises(LeaseLost):
+                change()
+    finally:
+        other.release()
+    after = {p: p.read_bytes() for p in [*Path(cfg.output.path).iterdir(), *ckpt.iterdir()]}
+    assert after == before  # nothing written, rewritten or removed
+
+    with Lease(cfg) as holder:  # the holder's own fence passes
+        assert drop_failed_rows(cfg, None, holder.fence()) == 1
