@@ -305,21 +305,24 @@ class AsyncGenerateStage(GenerateStage):
 
 
 class DropRepeatedIds:
-    """One actor sees every row, so 'first one wins' needs only the set of repeated ids."""
+    """One actor sees every row, so 'first one wins' needs only the set of repeated ids. The
+    batch's ids stay Arrow; only the rows holding a repeated id are looked at one by one."""
 
     def __init__(self, id_column: str, repeated: list):
         self.id_column = id_column
-        self.repeated = set(repeated)
+        self.repeated = pa.array(repeated)
         self.seen: set = set()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        keep = []
-        for value in batch.column(self.id_column).to_pylist():
-            first = value not in self.repeated or value not in self.seen
-            if value in self.repeated:
-                self.seen.add(value)
-            keep.append(first)
-        return batch.filter(pa.array(keep, pa.bool_()))
+        ids = batch.column(self.id_column)
+        rows = np.flatnonzero(pc.is_in(ids, value_set=self.repeated.cast(ids.type)).to_numpy(zero_copy_only=False))
+        if not len(rows):
+            return batch
+        keep = np.ones(batch.num_rows, dtype=bool)
+        for i, value in zip(rows, ids.take(pa.array(rows)).to_pylist()):
+            keep[i] = value not in self.seen
+            self.seen.add(value)
+        return batch.filter(pa.array(keep))
 
 
 def _pool(actors: int):

@@ -133,3 +133,15 @@ def test_the_object_store_budget_scales_with_the_model_actors_and_none_keeps_ray
     assert object_store_budget(cfg, default).cpu == default.cpu  # only the store is bounded
     unbounded = load_config({"model": {"name": "m"}, "resources": {"object_store_mb_per_model_actor": None}})
     assert object_store_budget(unbounded, default) is default
+
+
+def test_drop_repeated_ids_keeps_each_ids_first_row_across_batches():
+    """keep_first's one actor, as a plain callable: across batches only the first row of a
+    repeated id is kept (here int32 ids, the repeats listed as Python ints as the driver sends them)."""
+    from pipeline.stages import DropRepeatedIds
+
+    drop = DropRepeatedIds("id", [5, 1])
+    first = drop(pa.table({"id": pa.array([5, 1, 5, 2], pa.int32()), "row": ["a", "b", "c", "d"]}))
+    second = drop(pa.table({"id": pa.array([1, 3, 5], pa.int32()), "row": ["e", "f", "g"]}))
+    assert (first.column("row").to_pylist(), second.column("row").to_pylist()) == (["a", "b", "d"], ["f"])
+    assert first.schema == pa.schema([("id", pa.int32()), ("row", pa.string())])
