@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import ModelConfig
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .families import FAMILIES, FamilySpec, family_spec
 from .image_facts import ImageFacts
 from .layouts import PRESETS, matching
@@ -45,11 +45,6 @@ def _max_images(family: FamilySpec, config: Any) -> int:
     return known.max_images if known and known.max_images else family.max_images_per_prompt
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 @dataclass(frozen=True)
 class Checkpoint:
     name: str  # as configured: labels every output row
@@ -77,12 +72,12 @@ class Checkpoint:
         try:
             config = AutoConfig.from_pretrained(path, revision=model.revision)
         except (OSError, ValueError, KeyError) as e:
-            raise ConfigError("model.name", f"{model.name!r} is not a loadable checkpoint: {_first_line(e)}") from None
+            raise ConfigError("model.name", f"{model.name!r} is not a loadable checkpoint: {first_line(e)}") from None
         family = _family(model, config.model_type)
         try:
             processor = AutoProcessor.from_pretrained(path, revision=model.revision)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError("model.name", f"{model.name!r} has no usable processor: {_first_line(e)}") from None
+            raise ConfigError("model.name", f"{model.name!r} has no usable processor: {first_line(e)}") from None
         return cls(
             name=model.name,
             path=path,

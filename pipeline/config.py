@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, describe_validation_error
+from .errors import ConfigError, describe_validation_error, first_line
 
 
 class _Strict(BaseModel):
@@ -415,7 +415,7 @@ def load_config(source: str | Path | dict, overrides: list[str] | dict[str, Any]
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(str(path), f"not valid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(str(path), f"not valid YAML: {first_line(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(str(path), "the top level must be a mapping of sections")
     data = apply_overrides(data, overrides)

@@ -10,6 +10,18 @@ from __future__ import annotations
 from typing import Any
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a
+    one-line error quotes of a library's exception."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def one_line(e: BaseException) -> str:
+    """`Type: first line of the message`, for errors that name a library's failure."""
+    return f"{type(e).__name__}: {first_line(e)}"
+
+
 class LlavaRayError(Exception):
     """Base of the project's own errors."""
 

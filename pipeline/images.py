@@ -19,7 +19,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from PIL.JpegImagePlugin import JpegImageFile
 
 from .config import FetchConfig, LimitsConfig, StorageConfig
-from .errors import FetchError, ImageError, LimitsError
+from .errors import FetchError, ImageError, LimitsError, one_line
 from .fetch import fetch_url
 from .pixels import Decoded, Fits
 from .storage import storage_options
@@ -77,8 +77,7 @@ def load_bytes(
         except FileNotFoundError:
             raise FetchError(f"not found: {source}") from None
         except Exception as e:  # permissions, a missing bucket, no credentials, a timeout...
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
-            raise FetchError(f"cannot read {source}: {type(e).__name__}: {reason}") from None
+            raise FetchError(f"cannot read {source}: {one_line(e)}") from None
     raise FetchError(f"unsupported URL scheme {scheme!r} in {source[:80]!r}; use a path, s3://, http(s):// or data:")
 
 

@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass
 
 from .config import Config
-from .errors import JobError, LeaseLost
+from .errors import JobError, LeaseLost, one_line
 from .storage import fsspec_fs, is_local
 
 logger = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class S3Store:
             except Exception as e:  # noqa: BLE001 -- any refusal means: no arbitration here
                 if _precondition_failed(e):
                     return True
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                reason = one_line(e)
             else:
                 reason = "it accepted a second exclusive create of one object"
         finally:

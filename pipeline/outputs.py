@@ -15,9 +15,9 @@ import uuid
 from urllib.parse import urlsplit
 
 from .config import Config
-from .errors import JobError
+from .errors import JobError, one_line
 from .resume import checkpoint_path
-from .storage import fsspec_fs, one_line
+from .storage import fsspec_fs
 
 _MAGIC = "*?["
 

@@ -18,7 +18,7 @@ from typing import ClassVar
 import pyarrow as pa
 
 from .config import Config
-from .errors import JobError
+from .errors import JobError, first_line
 from .storage import fsspec_fs, input_files, parquet_dataset
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class Reader:
         return _repeated(self.dataset([column], pa.schema([schema.field(column)])), column)
 
     def _unreadable(self, path: str, e: Exception) -> JobError:
-        return JobError(f"input.path: {path} is not a readable {self.what} file: {str(e).strip().splitlines()[0]}")
+        return JobError(f"input.path: {path} is not a readable {self.what} file: {first_line(e)}")
 
 
 FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"

@@ -12,7 +12,7 @@ from pyarrow import PythonFile
 from pyarrow.fs import FileSystem, FSSpecHandler, PyFileSystem
 
 from .config import StorageConfig
-from .errors import JobError
+from .errors import JobError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -204,12 +204,6 @@ def input_files(paths: str | list[str], storage: StorageConfig, extensions: tupl
             raise JobError(f"input.path: no {what} files at {url}")
         files.extend(found)
     return PyFileSystem(FSSpecHandler(fs)), files
-
-
-def one_line(e: BaseException) -> str:
-    """`Type: first line of the message`, for start-up errors that name a storage failure."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else type(e).__name__}"
 
 
 def parquet_dataset(files: list[str], fs: FileSystem) -> pads.Dataset:
