@@ -30,6 +30,17 @@ from tests.conftest import (
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def _credentials_read_afresh():
+    """fsspec reuses one filesystem per set of arguments, and s3fs reads the environment's
+    credentials when it makes one: tests that change the AWS variables get filesystems of their own."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 def _storage(url):
     return s3_storage(url)
 
