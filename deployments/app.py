@@ -40,7 +40,7 @@ def ingress_max_ongoing(s: ServeConfig) -> int:
     queue for a timeout."""
     bound = s.admission_bound()
     if bound is None:  # no queue bound: as many as the model replicas can hold and queue as much again
-        bound = 2 * s.max_ongoing_requests * (s.num_replicas or s.autoscaling.max_replicas)
+        bound = 2 * s.max_ongoing_requests * s.most_model_replicas
     return 2 * bound
 
 
@@ -125,7 +125,7 @@ def serve_local(cfg: Config, *, blocking: bool = True, on_ready: Callable[[str],
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(app, name=APP_NAME, route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
-    logger.info("serving %s at %s", cfg.serve.served_model_name or cfg.model.name, url)
+    logger.info("serving %s at %s", cfg.served_name, url)
     if on_ready is not None:
         on_ready(url)
     if blocking:

@@ -152,7 +152,7 @@ class LlavaIngressServer:
         serve.api_key_env names in this replica's own environment."""
         self.cfg = cfg
         self.model = model
-        self.served_name = cfg.serve.served_model_name or cfg.model.name
+        self.served_name = cfg.served_name
         self.api_key_sha256 = api_key_sha256 or key_digest(cfg.serve.resolved_api_key())
         self.preprocessor = Preprocessor(cfg, Checkpoint.load(cfg.model), local_ok=False)
         self.admission_bound, self.in_flight = cfg.serve.admission_bound(), 0

@@ -76,7 +76,7 @@ def check_vllm_settings(cfg: Config, checkpoint: Checkpoint) -> None:
             f"vllm.tensor_parallel_size={v.tensor_parallel_size} whole GPU(s); "
             f"set resources.num_gpus_per_actor={v.tensor_parallel_size}",
         )
-    images = min(checkpoint.max_images, cfg.limits.max_images_per_row)
+    images = cfg.images_per_row(checkpoint.max_images)
     if v.limit_mm_per_prompt < images:
         raise ConfigError(
             "vllm.limit_mm_per_prompt",

@@ -318,8 +318,12 @@ class ServeConfig(_Strict):
         replicas hold plus its handle's queue. It refuses more with a 503 before reading them."""
         if self.max_queued_requests < 0:
             return None
-        replicas = self.num_replicas or self.autoscaling.max_replicas
-        return self.max_ongoing_requests * replicas + self.max_queued_requests
+        return self.max_ongoing_requests * self.most_model_replicas + self.max_queued_requests
+
+    @property
+    def most_model_replicas(self) -> int:
+        """The fixed replica count, else autoscaling's maximum."""
+        return self.num_replicas or self.autoscaling.max_replicas
 
     def resolved_api_key(self) -> str | None:
         if self.api_key is not None:
@@ -357,6 +361,20 @@ class Config(_Strict):
     def without_secrets(self) -> "Config":
         """This config with every secret setting unset: what Ray actors and replicas are given."""
         return Config.model_validate(self.model_dump(exclude=SECRETS))
+
+    @property
+    def served_name(self) -> str:
+        """The model name the endpoint answers to (and reports in responses)."""
+        return self.serve.served_model_name or self.model.name
+
+    def context_limit(self, model_context: int) -> int:
+        """Tokens a prompt and its answer may take: the model's context, or vllm.max_model_len
+        when lower (vLLM refuses longer prompts)."""
+        return min(model_context, self.vllm.max_model_len) if self.backend == "vllm" else model_context
+
+    def images_per_row(self, model_max: int) -> int:
+        """Images one row may hold: what the checkpoint takes, within limits.max_images_per_row."""
+        return min(model_max, self.limits.max_images_per_row)
 
     def secrets(self) -> dict[str, dict[str, str]]:
         """The secret settings that are set, by section (what `without_secrets` leaves out)."""

@@ -156,9 +156,7 @@ def summarize(cfg: Config, checkpoint: Checkpoint, per_row: pa.Table, rows: int,
         "decode": float(model.decode(prompt, g).sum()),
     }
     flops = Flops(**{k: v * scale for k, v in parts.items()}, total=sum(parts.values()) * scale)
-    context = checkpoint.context_len
-    if cfg.backend == "vllm":
-        context = min(context, cfg.vllm.max_model_len)
+    context = cfg.context_limit(checkpoint.context_len)
     largest = needs = None
     if counted.num_rows:
         i = int(np.argmax(column(counted, "prompt_tokens")))

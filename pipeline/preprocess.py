@@ -95,11 +95,9 @@ class Preprocessor:
         self.local_ok = local_ok
         self.family = checkpoint.family
         self.processor = checkpoint.processor
-        self.context_len = checkpoint.context_len
-        if cfg.backend == "vllm":  # vLLM refuses longer prompts: reject them here, per row
-            self.context_len = min(self.context_len, cfg.vllm.max_model_len)
+        self.context_len = cfg.context_limit(checkpoint.context_len)  # vLLM's own refusals: here, per row
         self.image_token_id = checkpoint.image_token_id
-        self.max_images = min(checkpoint.max_images, cfg.limits.max_images_per_row)
+        self.max_images = cfg.images_per_row(checkpoint.max_images)
         # No token is longer than the vocabulary's longest: text beyond context x that many
         # characters cannot fit, and is refused before tokenising (a 25 MB prompt costs seconds).
         longest = max(len(t) for t in self.processor.tokenizer.get_vocab())
