@@ -58,10 +58,6 @@ class Checkpoint:
     images: ImageFacts  # what the image processor does: sizes, crop, pinpoints, tokens per image
     max_images: int  # images one prompt may hold: the layout's (llava-interleave: 8), else the family's
 
-    @property
-    def max_image_tokens(self) -> int:
-        return self.images.max_tokens
-
     @classmethod
     def load(cls, model: ModelConfig) -> "Checkpoint":
         """Read config.json and the processor files (no weights). A path or id that is not a

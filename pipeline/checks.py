@@ -90,7 +90,7 @@ def check_vllm_settings(cfg: Config, checkpoint: Checkpoint) -> None:
             f"{v.max_model_len} exceeds the model's context of {checkpoint.context_len} tokens; "
             f"set vllm.max_model_len={checkpoint.context_len} or less",
         )
-    image_tokens = checkpoint.max_image_tokens
+    image_tokens = checkpoint.images.max_tokens
     one = image_tokens + cfg.generation.max_new_tokens
     if v.max_model_len < one:
         raise ConfigError(

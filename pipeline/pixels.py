@@ -133,9 +133,6 @@ class AnyResPixels:
         shape_only = np.broadcast_to(np.uint8(0), (*size, 3))  # only its shape is read
         return best, tuple(get_patch_output_size(shape_only, best, ChannelDimension.LAST))
 
-    def tokens(self, sizes: list[Size]) -> list[int]:
-        return self.facts.tokens(sizes)
-
     def fits(self, size: Size, reduced: Size) -> bool:
         """Besides the margin: a reduced image that vLLM gets as is (see `working`) must make its
         processor choose the same best resolution, resize and token count as the photo."""
@@ -144,7 +141,7 @@ class AnyResPixels:
         need = (max(grid[0], self.thumb[0]), max(grid[1], self.thumb[1]))
         if not _fits_margin(reduced, need) or self.plan(reduced) != plan:
             return False
-        a, b = self.tokens([size, reduced])
+        a, b = self.facts.tokens([size, reduced])
         return a == b
 
     def tiles(self, d: Decoded) -> np.ndarray:
@@ -169,7 +166,7 @@ class AnyResPixels:
             return None
         if nh < min(size[0], self.thumb[0]) or nw < min(size[1], self.thumb[1]):
             return None  # a 37x1500 strip's thumbnail would lose a third of its rows
-        a, b = self.tokens([size, (nh, nw)])
+        a, b = self.facts.tokens([size, (nh, nw)])
         if self.plan((nh, nw))[0] != best or a != b:
             logger.debug("image %s: working size %s would change the tokens; sent as decoded", size, (nh, nw))
             return None

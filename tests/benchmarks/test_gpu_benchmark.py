@@ -34,7 +34,7 @@ def test_model_dir_is_the_real_architecture_without_weights(tmp_path, name, imag
     assert (config.vision_config.hidden_size, config.vision_config.image_size) == (1024, 336)
     processor = tf.AutoProcessor.from_pretrained(model_dir)
     assert len(processor.tokenizer) == config.text_config.vocab_size == gpu.VOCAB  # every id decodes
-    assert Checkpoint.load(ModelConfig(name=str(model_dir))).max_image_tokens == image_tokens
+    assert Checkpoint.load(ModelConfig(name=str(model_dir))).images.max_tokens == image_tokens
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
     assert processor.apply_chat_template(chat, add_generation_prompt=True) == prompt
 

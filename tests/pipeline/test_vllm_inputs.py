@@ -118,9 +118,9 @@ def test_multi_image_row_counts_each_image(tiny_llava_next):
 
 
 def test_max_image_tokens(tiny_llava, tiny_llava_next):
-    assert Checkpoint.load(_cfg(tiny_llava).model).max_image_tokens == 576
+    assert Checkpoint.load(_cfg(tiny_llava).model).images.max_tokens == 576
     # 576 (thumbnail) + 48x48 grid features + 48 row newlines for a 672x672 pinpoint.
-    assert Checkpoint.load(_cfg(tiny_llava_next).model).max_image_tokens == 2928
+    assert Checkpoint.load(_cfg(tiny_llava_next).model).images.max_tokens == 2928
 
 
 needs_no_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
