@@ -312,25 +312,28 @@ class Reference:
 
 
 def reference(ckpt: str, images: list[bytes], prompt: str | None = None, max_new_tokens: int = 12, *,
-              conversation: list[dict] | None = None, quantization_config=None) -> Reference:
+              conversation: list[dict] | None = None, quantization_config=None, dtype=None) -> Reference:
     """transformers called directly, as on the model card: the checkpoint's processor, its chat
     template and model.generate, greedy, one row at a time (independent of pipeline code).
-    `conversation` (HF chat format) instead of `prompt` for multi-turn or system prompts."""
+    `conversation` (HF chat format) instead of `prompt` for multi-turn or system prompts; `dtype`:
+    the model loaded in it (a torch dtype) and its pixel values cast to it."""
     import transformers as tf
     from transformers import AutoConfig
 
-    key = (ckpt, repr(quantization_config))
+    key = (ckpt, repr(quantization_config), dtype)
     model = _REF_MODELS.get(key)
     if model is None:
         config = AutoConfig.from_pretrained(ckpt)
         cls = {"llava": tf.LlavaForConditionalGeneration, "llava_next": tf.LlavaNextForConditionalGeneration}[config.model_type]
-        model = _REF_MODELS[key] = cls.from_pretrained(ckpt, quantization_config=quantization_config)
+        model = _REF_MODELS[key] = cls.from_pretrained(ckpt, quantization_config=quantization_config, dtype=dtype)
     processor = tf.AutoProcessor.from_pretrained(ckpt)
     pil = [Image.open(io.BytesIO(b)) for b in images]
     if conversation is None:
         conversation = [{"role": "user", "content": [{"type": "image"} for _ in pil] + [{"type": "text", "text": prompt}]}]
     text = processor.apply_chat_template(conversation, add_generation_prompt=True)
     inputs = processor(images=pil, text=text, return_tensors="pt")
+    if dtype is not None:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[0, inputs["input_ids"].shape[1] :]
     ids = inputs["input_ids"][0].tolist()

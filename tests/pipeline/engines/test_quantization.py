@@ -121,3 +121,26 @@ def test_every_4bit_setting_reaches_the_loaded_layers(tiny_llava):
     for module in quantized.values():
         assert (module.weight.quant_type, module.compute_dtype, module.weight.compress_statistics) == ("fp4", torch.float16, True)
     assert engine.backend == "transformers/float32/sdpa/bnb-4bit-fp4-float16"
+
+
+@pytest.mark.parametrize("dtype, device, resolved", [("bfloat16", "cpu", "bfloat16"), ("float16", "cpu", "float16"),
+                                                     ("auto", "cpu", "float32"), ("auto", "cuda", "bfloat16")])
+def test_model_dtype_resolves_as_documented(dtype, device, resolved):
+    from pipeline.engines.base import resolve_dtype
+
+    assert resolve_dtype(load_config({"model": {"name": "m", "dtype": dtype}}), device) == resolved
+
+
+def test_a_bfloat16_model_loads_and_answers_in_bfloat16(tiny_llava):
+    """model.dtype: bfloat16 without quantization: the weights are bfloat16, the backend label says
+    so, and the answer is the model's own bfloat16 generation (transformers' loop, same dtype)."""
+    from pipeline.records import Record
+
+    cfg = load_config({"model": {"name": tiny_llava, "dtype": "bfloat16"}, "generation": {"max_new_tokens": 6}})
+    engine = hf_engine(cfg)
+    assert engine.backend == "transformers/bfloat16/sdpa"
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    image = resized("astronaut", 240, 320)
+    [result] = engine.generate([preprocessor(cfg).prepare(Record(id=1, images=[image], prompt="Who?"))], cfg.generation)
+    ref = reference(tiny_llava, [image], "Who?", 6, dtype=torch.bfloat16)
+    assert (result.text, result.completion_tokens) == (ref.text, ref.completion_tokens)
