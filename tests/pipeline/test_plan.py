@@ -167,16 +167,21 @@ def test_the_projector_runs_on_what_the_processor_counts_as_image_tokens(tmp_pat
     assert ModelFlops.read(checkpoint.config).features == checkpoint.images.tokens([(300, 400)])[0] == {"llava-1.5-7b": 576}.get(layout, 729)
 
 
-def test_a_sample_is_scaled_up_and_says_so(tiny_llava):
-    """summarize over a sample of 4 rows of a 1000-row input: every total x250."""
-    cfg = load_config({"model": {"name": tiny_llava}, "generation": {"max_new_tokens": 16}, "input": {"path": "in.parquet"}})
-    checkpoint = Checkpoint.load(cfg.model)
-    per_row = pa.table({
+def _per_row() -> pa.Table:
+    """A plan's per-row table: two rows that fit, one missing image, one prompt too long."""
+    return pa.table({
         "id": ["a", "b", "c", "d"], "images": [1, 1, None, 1], "image_tokens": [576, 576, None, 576],
         "prompt_tokens": [600, 590, None, 5000], "tiles": [1, 1, None, 1],
         "predicted_error": [None, None, "image: not found: x", "prompt: too long"],
         "predicted_error_kind": [None, None, "fetch", "limits"],
     })
+
+
+def test_a_sample_is_scaled_up_and_says_so(tiny_llava):
+    """summarize over a sample of 4 rows of a 1000-row input: every total x250."""
+    cfg = load_config({"model": {"name": tiny_llava}, "generation": {"max_new_tokens": 16}, "input": {"path": "in.parquet"}})
+    checkpoint = Checkpoint.load(cfg.model)
+    per_row = _per_row()
     report = summarize(cfg, checkpoint, per_row, rows=1000, seconds=1.0)
     assert (report.sampled, report.rows_planned, report.scale) == (True, 4, 250.0)
     assert (report.rows_ok, report.rows_failed, report.failed_by_kind) == (500, 500, {"fetch": 250, "limits": 250})
@@ -189,6 +194,20 @@ def test_a_sample_is_scaled_up_and_says_so(tiny_llava):
     assert a100.gpu_hours == pytest.approx(report.flops.total / (312e12 * 0.40) / 3600)
     whole = summarize(cfg, checkpoint, per_row, rows=4, seconds=1.0)
     assert (whole.sampled, whole.scale, whole.rows_ok) == (False, 1.0, 2)
+
+
+def test_gpu_peaks_and_mfu_from_set_and_the_vllm_context(tiny_llava):
+    """`--set 'plan.gpus={...}'` replaces the GPU table and `plan.mfu` the assumed utilisation; on
+    backend vllm the rows are counted against vllm.max_model_len when it is below the model's context."""
+    base = {"model": {"name": tiny_llava}, "generation": {"max_new_tokens": 16}, "input": {"path": "in.parquet"}}
+    cfg = load_config(base, ["plan.gpus={B200: 2250, H100: 989}", "plan.mfu=0.5"])
+    checkpoint = Checkpoint.load(cfg.model)
+    report = summarize(cfg, checkpoint, _per_row(), rows=4, seconds=1.0)
+    assert [(g.gpu, g.peak_tflops) for g in report.gpus] == [("B200", 2250), ("H100", 989)]
+    assert report.gpus[0].gpu_hours == pytest.approx(report.flops.total / (2250e12 * 0.5) / 3600)
+    vllm = load_config({**base, "backend": "vllm", "resources": {"num_gpus_per_actor": 1}, "vllm": {"max_model_len": 1024}})
+    assert checkpoint.context_len > 1024 and report.context_len == checkpoint.context_len
+    assert summarize(vllm, checkpoint, _per_row(), rows=4, seconds=1.0).context_len == 1024
 
 
 @pytest.mark.slow
