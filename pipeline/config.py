@@ -187,7 +187,8 @@ class ResourcesConfig(_Strict):
     model_cpus: float = Field(default=0.5, ge=0)
     num_gpus_per_actor: float = Field(default=0.0, ge=0)
     model_batch_size: int = Field(default=8, ge=1)
-    # Bounds the rows per Ray Data block, which bounds what a stop can lose (ARCHITECTURE.md, "Job start, resume and the one writer").
+    # Bounds the rows per Ray Data block, which bounds what a stop can lose (ARCHITECTURE.md,
+    # "Job start, resume and the one writer").
     rows_per_block: int = Field(default=128, ge=1, le=2048)
     # Custom Ray resources each actor of a pool asks for, to place the pool on a node group: e.g.
     # {"model_node": 1} with the GPU workers started with `--resources='{"model_node": 8}'`.

@@ -22,6 +22,7 @@ FAMILIES: dict[str, FamilySpec] = {
     ),
 }
 
+
 def family_spec(name: str) -> FamilySpec:
     key = name.replace("-", "_")
     if key not in FAMILIES:

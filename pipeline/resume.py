@@ -30,10 +30,10 @@ logger = logging.getLogger(__name__)
 PENDING = ".pending.parquet"
 # The lease's fence (lease.Fence), called before each change to the output or checkpoint: a run
 # whose lease was taken over changes nothing more. None: no lease (tests, benchmarks).
-Fence = Callable[[], None] | None
+FenceCheck = Callable[[], None] | None
 
 
-def _check(fence: Fence) -> None:
+def _check(fence: FenceCheck) -> None:
     if fence is not None:
         fence()
 
@@ -66,7 +66,7 @@ def _pending_prefixes(cfg: Config) -> tuple[list[str], tuple[str, ...]]:
     return [p for p in found if not p.endswith(PENDING)], pending
 
 
-def finish_commits(cfg: Config, fence: Fence = None) -> int:
+def finish_commits(cfg: Config, fence: FenceCheck = None) -> int:
     """Drop each pending checkpoint file whose committed twin exists; returns how many.
 
     A commit renames `<base>.pending.parquet` to `<base>.parquet`; on an object store a rename is
@@ -96,7 +96,7 @@ def split_output(cfg: Config) -> tuple[list[str], list[str]]:
     return [f for f in files if f not in doomed], doomed
 
 
-def drop_failed_rows(cfg: Config, kinds: list[str] | None = None, fence: Fence = None) -> int:
+def drop_failed_rows(cfg: Config, kinds: list[str] | None = None, fence: FenceCheck = None) -> int:
     """Remove rows with an `error` (of `kinds`, or any) from the output, so the next run
     processes them again: `reconcile` then drops their ids from the checkpoint (the output is
     the truth). Returns how many rows were removed."""
@@ -163,7 +163,8 @@ class Reconciled(NamedTuple):
     output_ids: pa.ChunkedArray | None  # every committed output id; None past the driver's bound
 
 
-def reconcile(cfg: Config, id_type: pa.DataType, repeats_on_cluster: Callable[[list[str]], int], fence: Fence = None) -> Reconciled:
+def reconcile(cfg: Config, id_type: pa.DataType, repeats_on_cluster: Callable[[list[str]], int],
+              fence: FenceCheck = None) -> Reconciled:
     """Make the checkpoint agree with the output, block by block.
 
     The driver holds one block's ids at a time; whether two blocks repeat an id is counted on the
