@@ -168,3 +168,21 @@ def test_a_prompt_template_names_columns_or_is_refused(template, cause):
     assert str(e.value).startswith(f"prompt.template: {template!r}: {cause}")
     cfg = load_config({"model": {"name": "m"}, "prompt": {"template": "{TEXT} {meta.title} {TEXT!r} {{x}}"}})
     assert cfg.prompt.template_columns() == ["TEXT", "meta"]
+
+
+def test_the_readmes_serve_defaults_are_the_configs():
+    """The README's `serve` table states defaults; pipeline/config.py defines them: they agree."""
+    import itertools
+    import re
+
+    from pipeline.config import ServeConfig
+
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index("| setting | default | what it does |") + 2
+    rows = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
+    stated = {}
+    for row in rows:
+        keys, defaults = row.split(" | ")[:2]
+        for key, default in zip(re.findall(r"`(\w+)`", keys), defaults.split(" / ")):
+            stated[key] = float(default)
+    assert len(stated) == 5 and stated == {k: float(getattr(ServeConfig(), k)) for k in stated}
