@@ -7,10 +7,11 @@ from pydantic import ValidationError
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 
-from deployments.errors import to_api_error
+from deployments.errors import failed_result, to_api_error
 from deployments.protocol import ChatCompletionRequest
 from pipeline.config import GenerationConfig
-from pipeline.errors import EngineDead, ImageError, MessagesError, Overloaded, PromptTooLong
+from pipeline.errors import EngineDead, EngineError, ImageError, MessagesError, Overloaded, PromptTooLong
+from pipeline.records import Result
 
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}}
 
@@ -81,10 +82,6 @@ def test_what_the_endpoint_cannot_take_now_is_a_503_with_retry_after(exc, code):
 def test_a_request_the_engine_could_not_answer_is_a_500_with_its_cause():
     """The engine failed on this request alone (after its batch was retried row by row): the
     server's failure, with the engine's one-line cause, not a client's 4xx."""
-    from deployments.errors import failed_result
-    from pipeline.errors import EngineError
-    from pipeline.records import Result
-
     err = failed_result(Result.failed("r", EngineError.wrap(RuntimeError("probability tensor contains inf")), 7))
     assert (err.status, err.type, err.message) == (500, "server_error", "engine: RuntimeError: probability tensor contains inf")
 
