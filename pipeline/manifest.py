@@ -13,12 +13,11 @@ import json
 import posixpath
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 from .checkpoint import Checkpoint
 from .config import SECRETS, Config
 from .progress import Tally
-from .storage import fsspec_fs, open_atomic
+from .storage import FenceCheck, fsspec_fs, open_atomic
 
 NAME = "_manifest.json"
 _PACKAGES = ("llava-ray", "ray", "transformers", "torch", "vllm")
@@ -73,7 +72,7 @@ def entry(cfg: Config, checkpoint: Checkpoint, started: dt.datetime, seconds: fl
     }
 
 
-def append(cfg: Config, record: dict, fence: Callable[[], None] | None = None) -> str:
+def append(cfg: Config, record: dict, fence: FenceCheck = None) -> str:
     """Append `record` to the output's manifest (a JSON list), replacing the file atomically
     (with the lease's `fence`: only while this run still holds the output)."""
     fs, root = fsspec_fs(cfg.output.path, cfg.storage)

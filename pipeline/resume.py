@@ -23,14 +23,11 @@ import pyarrow.parquet as pq
 
 from .config import Config
 from .errors import JobError
-from .storage import fsspec_fs, open_atomic, output_files, read_output_file, write_output_file
+from .storage import FenceCheck, fsspec_fs, open_atomic, output_files, read_output_file, write_output_file
 
 logger = logging.getLogger(__name__)
 
 PENDING = ".pending.parquet"
-# The lease's fence (lease.Fence), called before each change to the output or checkpoint: a run
-# whose lease was taken over changes nothing more. None: no lease (tests, benchmarks).
-FenceCheck = Callable[[], None] | None
 
 
 def _check(fence: FenceCheck) -> None:

@@ -16,6 +16,10 @@ from .errors import JobError, one_line
 
 logger = logging.getLogger(__name__)
 
+# The lease's fence (lease.Fence), called before each change to the output or checkpoint: a run
+# whose lease was taken over changes nothing more. None: no lease (tests, benchmarks).
+FenceCheck = Callable[[], None] | None
+
 
 def storage_options(storage: StorageConfig, timeout_s: float | None = None) -> dict[str, Any]:
     """s3fs options from the config; credentials absent here come from the AWS environment.
@@ -60,7 +64,7 @@ class open_atomic:
     flight when the file was opened: a close during the unwinding of its own write discards.
     `fence`, when given, is called before the rename; if it raises, nothing is published."""
 
-    def __init__(self, fs, path: str, fence: Callable[[], None] | None = None):
+    def __init__(self, fs, path: str, fence: FenceCheck = None):
         head, tail = posixpath.split(path)
         self.fs, self.path, self.tmp, self.fence = fs, path, posixpath.join(head, f".{tail}.inprogress"), fence
         self.f = fs.open(self.tmp, "wb")
@@ -160,7 +164,7 @@ class OutputHandler(FSSpecHandler):
     show a half-written file to readers, and keep it if the job is killed; object stores publish
     an object only when its upload completes), and with a `fence` only while it passes."""
 
-    def __init__(self, fs, fence: Callable[[], None] | None = None):
+    def __init__(self, fs, fence: FenceCheck = None):
         super().__init__(fs)
         self.fence = fence
 
@@ -172,7 +176,7 @@ class OutputHandler(FSSpecHandler):
         return super().open_output_stream(path, metadata)
 
 
-def arrow_fs(url: str, storage: StorageConfig, fence: Callable[[], None] | None = None) -> tuple[FileSystem, str]:
+def arrow_fs(url: str, storage: StorageConfig, fence: FenceCheck = None) -> tuple[FileSystem, str]:
     """A pyarrow filesystem for writing under `url`: files appear whole, and only while `fence` passes."""
     fs, path = fsspec_fs(url, storage)
     return PyFileSystem(OutputHandler(fs, fence)), path
@@ -240,7 +244,7 @@ def read_output_file(fs, path: str, columns: list[str] | None = None):
     return table if columns is None else table.select([c for c in columns if c in table.column_names])
 
 
-def write_output_file(fs, path: str, table, fence: Callable[[], None] | None = None) -> None:
+def write_output_file(fs, path: str, table, fence: FenceCheck = None) -> None:
     """Replace an output data file atomically, in its own format (JSON Lines as Ray writes it);
     with a `fence`, only while it passes."""
     import pyarrow.parquet as pq

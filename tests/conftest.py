@@ -294,6 +294,12 @@ def settled(metrics_url: str, done=None) -> dict:
         time.sleep(0.25 if done else 2.0)
 
 
+def grown(before: dict, counts: dict[str, float]):
+    """A `settled` condition: each named sample grew by at least its count since `before`. Ray
+    exports each metric apart, so a check waits for every count it then asserts exactly."""
+    return lambda samples: all(value(samples, name) - value(before, name) >= n for name, n in counts.items())
+
+
 def value(samples: dict, name: str, **labels) -> float:
     """The sum of the samples of `name` whose labels include `labels`."""
     want = set((k, str(v)) for k, v in labels.items())

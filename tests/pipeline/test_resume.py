@@ -20,7 +20,7 @@ from pipeline.job import run_job
 from pipeline.manifest import NAME
 from pipeline.progress import COLUMNS, Tally
 from pipeline.resume import PENDING, checkpoint_path
-from tests.conftest import ROOT, actor_ids, cli_here, own_model_actor, read_output, reference, resized, settled, value, write_parquet
+from tests.conftest import ROOT, actor_ids, cli_here, grown, own_model_actor, read_output, reference, resized, settled, value, write_parquet
 
 pytestmark = pytest.mark.slow
 
@@ -220,18 +220,15 @@ def test_counts_after_a_stop_mid_commit_equal_the_output(ray_local, metrics_url,
     stale = [p for p in Path(cfg.output.path).glob("*.parquet") if p.name.startswith(block.name[: -len(".parquet")])]
     assert len(stale) == 1
 
-    counted = lambda s, name: value(s, f"ray_llava_ray_{name}_total")  # noqa: E731
     before = settled(metrics_url)
     summary = run_job(cfg)
     assert not stale[0].exists()  # Ray deleted it
     assert set(read_output(cfg.output.path)) == {f"r{i:03d}" for i in range(12)}
     assert (summary.rows_total, summary.rows_processed) == (12, 4)
     ran = _assert_counts_equal_output(cfg, summary)
-    grown = lambda s, name: counted(s, name) - counted(before, name)  # noqa: E731
-    # the counters are exported apart: wait for each of them
-    after = settled(metrics_url, lambda s: grown(s, "rows") >= ran.rows and grown(s, "generated_tokens") >= ran.generated_tokens)
-    assert grown(after, "rows") == ran.rows == 4
-    assert grown(after, "generated_tokens") == ran.generated_tokens
+    counts = {"ray_llava_ray_rows_total": ran.rows, "ray_llava_ray_generated_tokens_total": ran.generated_tokens}
+    after = settled(metrics_url, grown(before, counts))
+    assert {name: value(after, name) - value(before, name) for name in counts} == counts and ran.rows == 4
 
 
 def test_an_unreadable_output_file_at_start_is_one_line_naming_it(tiny_llava, tmp_path):
