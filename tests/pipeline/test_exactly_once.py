@@ -42,6 +42,23 @@ def _rows(cfg) -> int:
     return pq.ParquetDataset(cfg.output.path).read().num_rows
 
 
+@pytest.fixture(scope="module")
+def finished(ray_local, tiny_llava, tmp_path_factory) -> Path:
+    """A finished 6-row job's folder (input, output, checkpoint), run once for the tests below
+    that start from a finished output; each works on its own copy (`_finished_copy`)."""
+    tmp = tmp_path_factory.mktemp("finished")
+    _, cfg = _job(tiny_llava, tmp)
+    assert run_job(cfg).rows_ok == 6
+    return tmp
+
+
+def _finished_copy(finished: Path, tiny_llava, tmp_path, **output):
+    """The finished job's input, output and checkpoint under `tmp_path`, and its config there."""
+    for name in ("out", "out.checkpoint"):
+        shutil.copytree(finished / name, tmp_path / name)
+    return _job(tiny_llava, tmp_path, **output)[1]
+
+
 def test_a_second_run_on_the_same_output_refuses_and_the_first_finishes(ray_local, tiny_llava, tmp_path):
     """`llava-ray run` on an output a running job holds (here a job on the session's Ray, its
     model actor paused meanwhile so it cannot finish first): one line, exit 1, before Ray starts;
@@ -71,23 +88,26 @@ def test_a_second_run_on_the_same_output_refuses_and_the_first_finishes(ray_loca
 
 
 @pytest.mark.parametrize("age, refused", [(5, True), (1000, False)])
-def test_a_live_lease_refuses_and_an_expired_one_is_taken_over(ray_local, tiny_llava, tmp_path, age, refused):
-    _, cfg = _job(tiny_llava, tmp_path, lease_wait_s=0)
+def test_a_live_lease_refuses_and_an_expired_one_is_taken_over(ray_local, tiny_llava, finished, tmp_path, age, refused):
+    """On a finished output (a RayJob retried after a crash at its very end): a live lease refuses,
+    an expired one is taken over, and the run finishes and releases it."""
+    cfg = _finished_copy(finished, tiny_llava, tmp_path, lease_wait_s=0)
     Path(lease_path(cfg)).write_text(json.dumps({"owner": "crashed-host:123:abcd", "heartbeat": time.time() - age, "expiry_s": 90}))
     if refused:
         with pytest.raises(JobError) as e:
             run_job(cfg)
         assert str(e.value).startswith("output.path: another run is writing this output (crashed-host:123:abcd, heartbeat 5 s ago)")
-        assert not Path(cfg.output.path).exists() or _rows(cfg) == 0
+        assert _rows(cfg) == 6  # untouched
     else:
-        assert run_job(cfg).rows_ok == 6
+        summary = run_job(cfg)
+        assert (summary.rows_ok, summary.rows_processed) == (6, 0) and _rows(cfg) == 6
         assert not Path(lease_path(cfg)).exists()
 
 
-def test_hand_damaged_output_and_checkpoint_are_reconciled(ray_local, tiny_llava, tmp_path):
-    _, cfg = _job(tiny_llava, tmp_path)
-    assert run_job(cfg).rows_ok == 6
+def test_hand_damaged_output_and_checkpoint_are_reconciled(ray_local, tiny_llava, finished, tmp_path):
+    cfg = _finished_copy(finished, tiny_llava, tmp_path)
     reference = read_output(cfg.output.path)
+    assert len(reference) == 6
 
     shutil.rmtree(checkpoint_path(cfg))  # checkpoint gone, output kept: nothing may run twice
     again = run_job(cfg)
@@ -105,9 +125,8 @@ def test_hand_damaged_output_and_checkpoint_are_reconciled(ray_local, tiny_llava
     assert {k: v["text"] for k, v in read_output(cfg.output.path).items()} == {k: v["text"] for k, v in reference.items()}
 
 
-def test_a_checkpoint_of_other_ids_is_one_line(ray_local, tiny_llava, tmp_path):
-    _, cfg = _job(tiny_llava, tmp_path)
-    run_job(cfg)
+def test_a_checkpoint_of_other_ids_is_one_line(ray_local, tiny_llava, finished, tmp_path):
+    _finished_copy(finished, tiny_llava, tmp_path)
     _, other = _job(tiny_llava, tmp_path, ids=[1, 2, 3])  # int ids on the output of string ids
     with pytest.raises(JobError) as e:
         run_job(other)

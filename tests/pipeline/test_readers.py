@@ -68,11 +68,11 @@ def test_a_manifest_that_cannot_serve_the_job_is_one_line_at_start(tiny_llava, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store", ["local", "s3"])
-@pytest.mark.parametrize("fmt, ext", [("json", "jsonl"), ("csv", "csv")])
+@pytest.mark.parametrize("store, fmt, ext", [("local", "json", "jsonl"), ("s3", "csv", "csv")])
 def test_manifest_job_every_row_once_bad_rows_named(ray_local, tiny_llava, tmp_path, request, store, fmt, ext):
     """LAION-style rows (key, URL, TEXT): good images, a missing file, an empty URL, a corrupt JPEG.
-    Every row once, ids as the manifest gives them; a rerun processes nothing."""
+    Every row once, ids as the manifest gives them; a rerun processes nothing. Each format and each
+    store runs once (the four formats' parsing: test_auto_reads_a_manifest_by_its_extension_and_says_so)."""
     images = {"a.jpg": resized("chelsea", 64, 80), "b.png": resized("coffee", 48, 48, "PNG"),
               "c.jpg": encode(photo("rocket"), "JPEG")[:200]}
     if store == "s3":
@@ -123,13 +123,11 @@ def _read_output(cfg, key: str = "key") -> dict:
     return by_id
 
 
-def _store(request, tmp_path, store: str, folder: str):
-    """(put(name, bytes) under `<prefix>/in/`, prefix, extra config) on local disk or on S3 (moto)."""
-    if store == "s3":
-        url = request.getfixturevalue("s3_endpoint")
-        fs, root = s3_fs(url), f"{BUCKET}/{folder}"
-        return (lambda name, data: fs.pipe(f"{root}/in/{name}", data)), f"s3://{root}", {"storage": s3_storage(url)}
-    return _local_put(tmp_path / "in"), str(tmp_path), {}
+def _s3_store(request, folder: str):
+    """(put(name, bytes) under `<prefix>/in/`, prefix, extra config) on S3 (moto)."""
+    url = request.getfixturevalue("s3_endpoint")
+    fs, root = s3_fs(url), f"{BUCKET}/{folder}"
+    return (lambda name, data: fs.pipe(f"{root}/in/{name}", data)), f"s3://{root}", {"storage": s3_storage(url)}
 
 
 def _local_put(root):
@@ -185,9 +183,9 @@ def test_every_image_extension_the_readme_names_is_a_row_and_decodes(tiny_llava,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store", ["local", "s3"])
-def test_image_folder_job_ids_are_relative_paths(ray_local, tiny_llava, tmp_path, request, store):
-    put, prefix, extra = _store(request, tmp_path, store, "images-folder")
+def test_image_folder_job_on_s3_ids_are_relative_paths(ray_local, tiny_llava, tmp_path, request):
+    """On S3; a local folder's job runs end to end in the killed-and-rerun test below."""
+    put, prefix, extra = _s3_store(request, "images-folder")
     files = _image_folder(put, 4)
     cfg = load_config({"model": {"name": tiny_llava}, "generation": {"max_new_tokens": 4},
                        "input": {"path": f"{prefix}/in/"}, "output": {"path": f"{prefix}/out"},
@@ -334,14 +332,14 @@ def test_a_webdataset_shard_that_cannot_serve_the_job_is_one_line_at_start(tiny_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("store", ["local", "s3"])
-def test_webdataset_job_every_sample_once_bad_members_named(ray_local, tiny_llava, tmp_path, request, store):
-    """Shards with a corrupt JPEG member, a sample without an image and a key in both shards:
+def test_webdataset_job_on_s3_every_sample_once_bad_members_named(ray_local, tiny_llava, tmp_path, request):
+    """Shards on S3 with a corrupt JPEG member, a sample without an image and a key in both shards:
     every sample once, ids stable across reruns, row errors named; the prompt template over the
-    `txt` and `json` members equals transformers given the formatted prompt."""
+    `txt` and `json` members equals transformers given the formatted prompt. Local shards' job runs
+    end to end in the killed-and-rerun test below."""
     from tests.conftest import reference
 
-    put, prefix, extra = _store(request, tmp_path, store, "webdataset")
+    put, prefix, extra = _s3_store(request, "webdataset")
     expected = _shards(put)
     template = "The alt text is: {txt}. The page is {json.title}. Write a detailed caption."
     cfg = load_config({"model": {"name": tiny_llava}, "generation": {"max_new_tokens": 4},

@@ -51,9 +51,15 @@ def _bnb(mode: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["tiny_llava", "tiny_llava_next"])
-@pytest.mark.parametrize("mode", ["4bit", "8bit"])
-def test_quantized_job_equals_transformers_with_the_same_quantization(ray_local, request, tmp_path, family, mode):
+@pytest.mark.parametrize("family, mode, through", [("tiny_llava", "8bit", "job"), ("tiny_llava_next", "4bit", "job"),
+                                                   ("tiny_llava", "4bit", "stages"), ("tiny_llava_next", "8bit", "stages")])
+def test_quantized_job_equals_transformers_with_the_same_quantization(ray_local, request, tmp_path, family, mode, through):
+    """Each family and each mode once through a whole job; the other two pairs through the job's
+    two stages called in this process (the same engine load and generate, without Ray's start-up)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.stages import GenerateStage, PreprocessStage
+
     ckpt = request.getfixturevalue(family)
     images = [resized(n, 240 + 60 * i, 320) for i, n in enumerate(["astronaut", "coffee", "rocket"])]
     prompts = ["Who?", "What is in the cup, and is it hot?", "Describe the launch."]
@@ -63,11 +69,15 @@ def test_quantized_job_equals_transformers_with_the_same_quantization(ray_local,
         "model": {"name": ckpt, "quantization": {"mode": mode}}, "generation": {"max_new_tokens": 6},
         "input": {"path": write_parquet(tmp_path / "in.parquet", rows)}, "output": {"path": str(tmp_path / "out")},
     })
-    summary = run_job(cfg)
-    out = read_output(cfg.output.path)
-    assert (summary.rows_ok, summary.rows_failed) == (3, 1)
     label = {"4bit": "transformers/float32/sdpa/bnb-4bit-nf4-bfloat16", "8bit": "transformers/float32/sdpa/bnb-8bit"}[mode]
-    assert summary.backend == label
+    if through == "job":
+        summary = run_job(cfg)
+        out = read_output(cfg.output.path)
+        assert (summary.rows_ok, summary.rows_failed, summary.backend) == (3, 1, label)
+    else:
+        result = GenerateStage(cfg.model_dump())(PreprocessStage(cfg.model_dump())(pq.read_table(cfg.input.path)))
+        out = {r["id"]: r for r in result.to_pylist()}
+        assert len(out) == 4 and out[9]["error_kind"] == "decode"
     for i, (image, prompt) in enumerate(zip(images, prompts)):
         ref = reference(ckpt, [image], prompt, 6, quantization_config=_bnb(mode))
         row = out[i]
