@@ -141,12 +141,19 @@ def test_duplicate_ids_fail_before_any_work(ray_local, tiny_llava, tmp_path, whe
 
 
 @WHERE
-def test_keep_first_drops_the_repeats_wherever_ids_are_checked(ray_local, tiny_llava, tmp_path, where):
+def test_keep_first_gives_the_drop_stage_the_same_repeats_wherever_ids_are_checked(ray_local, tiny_llava, tmp_path, where):
+    """The verdict the drop stage acts on; a keep_first job end to end (the rows kept are the first
+    occurrences, in the input's order): test_cli.py's run test."""
+    from pipeline.inputs import check_ids_on_cluster, inspect_input
+    from pipeline.readers import open_input
+
     rows = [{"id": i, "image": resized("coffee", 60 + n, 64), "prompt": f"Row {n}?"} for n, i in enumerate((5, 1, 5, 2, 1))]
-    summary = run_job(_job(tiny_llava, tmp_path, rows, input={"duplicate_ids": "keep_first", **where}))
-    out = read_output(tmp_path / "out")
-    assert sorted(out) == [1, 2, 5] and summary.dropped_duplicates == 2 and summary.rows_total == 3
-    assert {i: r["prompt_tokens"] > 0 for i, r in out.items()} == {1: True, 2: True, 5: True}
+    cfg = _job(tiny_llava, tmp_path, rows, input={"duplicate_ids": "keep_first", **where})
+    plan = inspect_input(cfg, open_input(cfg))
+    assert plan.ids_checked == (where == {})
+    plan = check_ids_on_cluster(cfg, plan)
+    assert (plan.rows, plan.dropped_duplicates, sorted(plan.repeated_ids)) == (5, 2, [1, 5])
+    assert {type(i) for i in plan.repeated_ids} == {int}  # as the drop stage takes them, either way
 
 
 def test_trust_reads_no_ids(tiny_llava, tmp_path):
