@@ -18,7 +18,6 @@ from pipeline.manifest import NAME
 from pipeline.progress import Progress, Tally
 from tests.conftest import (
     ROOT,
-    cli_here,
     free_port,
     read_output,
     resized,
@@ -155,18 +154,3 @@ def test_manifest_of_a_run_and_a_resumed_run(ray_local, tiny_llava, tmp_path):
     assert set(b["versions"]) >= {"llava-ray", "ray", "transformers", "torch"}
     assert b["started_at"] <= b["ended_at"] and b["seconds"] > 0
     pq.ParquetDataset(tmp_path / "out").read()  # readers of the folder skip the manifest
-
-
-@pytest.mark.slow
-def test_retry_failed_takes_error_kinds(ray_local, tiny_llava, tmp_path):
-    """`llava-ray run CONFIG --retry-failed fetch,engine`: only rows that failed with those kinds run again."""
-    data = _data(tiny_llava, tmp_path, _rows(tmp_path, n_good=2))
-    cfg = load_config(data)
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
-    assert run_job(cfg).failed_by_kind == {"decode": 1, "fetch": 1}
-    (tmp_path / "later.png").write_bytes(resized("astronaut", 80, 80, "PNG"))  # the missing image arrives
-    res = cli_here("run", str(tmp_path / "job.yaml"), "--retry-failed", "fetch,engine")
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.splitlines()[0] == "rows ok: 3  rows failed: 1  (total 4, processed this run 1)"
-    out = read_output(cfg.output.path)
-    assert out["missing"]["error"] is None and out["empty"]["error_kind"] == "decode"

@@ -98,10 +98,6 @@ def test_anyres_reduces_less_rather_than_change_what_vllm_would_compute_from_the
     assert decode_image(encoded("rocket", 3024, 1022), LIMITS, pixels.fits).scale == 2  # its neighbour halves fine
 
 
-class OwnCLIPImageProcessor(tf.CLIPImageProcessorPil):
-    """A checkpoint's own subclass: its steps may differ, so nothing here assumes them."""
-
-
 @pytest.mark.parametrize("image_processor, why", [
     (tf.CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size=_square(400)), "it pads"),
     (tf.LlavaNextImageProcessorPil(size={"shortest_edge": 384}, crop_size=_square(336), image_grid_pinpoints=NEXT_PINPOINTS), "resized or cropped again"),

@@ -136,11 +136,17 @@ def test_a_job_that_lost_its_lease_stops_and_every_row_is_written_once(ray_local
 
 
 def test_retry_failed_through_the_cli_reprocesses_only_failed_rows(ray_local, tiny_llava, tmp_path):
+    """`--retry-failed fetch,engine` reruns only rows that failed with those kinds (the missing
+    images, now there; not the empty file's decode error); a bare `--retry-failed` reruns every
+    failed row; the others stay untouched."""
     late = [tmp_path / f"late{i}.jpg" for i in range(3)]
     rows = [{"id": i, "image_path": str(p), "prompt": f"Late row {i}, what is it?"} for i, p in enumerate(late)]
     for i in range(3, 9):
         (tmp_path / f"ok{i}.jpg").write_bytes(resized("coffee", 100 + i, 120))
         rows.append({"id": i, "image_path": str(tmp_path / f"ok{i}.jpg"), "prompt": f"Row {i}?"})
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    rows.append({"id": 9, "image_path": str(empty), "prompt": "Empty?"})
     data = {
         "model": {"name": tiny_llava}, "generation": {"max_new_tokens": 8},
         "input": {"path": write_parquet(tmp_path / "in.parquet", rows)}, "output": {"path": str(tmp_path / "out")},
@@ -149,21 +155,29 @@ def test_retry_failed_through_the_cli_reprocesses_only_failed_rows(ray_local, ti
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))
     cfg = load_config(data)
     first = run_job(cfg)
-    assert (first.rows_ok, first.rows_failed) == (6, 3)
+    assert (first.rows_ok, first.failed_by_kind) == (6, {"decode": 1, "fetch": 3})
     before = read_output(cfg.output.path)
     arrived = [resized(name, 150 + 10 * i, 170) for i, name in enumerate(["rocket", "astronaut", "chelsea"])]
     for p, image in zip(late, arrived):  # the missing images arrive
         p.write_bytes(image)
 
     assert run_job(cfg).rows_processed == 0  # plain resume: failed rows count as done
-    res = cli_here("run", str(tmp_path / "job.yaml"), "--retry-failed")
+    res = cli_here("run", str(tmp_path / "job.yaml"), "--retry-failed", "fetch,engine")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.splitlines()[0] == "rows ok: 9  rows failed: 0  (total 9, processed this run 3)"
+    assert res.stdout.splitlines()[0] == "rows ok: 9  rows failed: 1  (total 10, processed this run 3)"
     after = read_output(cfg.output.path)
     for i, image in enumerate(arrived):  # the retried rows: what transformers gives for them
         ref = reference(tiny_llava, [image], f"Late row {i}, what is it?", 8)
         assert (after[i]["text"], after[i]["prompt_tokens"], after[i]["error"]) == (ref.text, ref.prompt_tokens, None)
-    assert all(after[i] == before[i] for i in range(3, 9))  # the others untouched
+    assert all(after[i] == before[i] for i in range(3, 10))  # the others untouched, the decode error too
+    assert after[9]["error_kind"] == "decode"
+
+    empty.write_bytes(resized("rocket", 90, 90))  # a bare --retry-failed: every kind
+    res = cli_here("run", str(tmp_path / "job.yaml"), "--retry-failed")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0] == "rows ok: 10  rows failed: 0  (total 10, processed this run 1)"
+    final = read_output(cfg.output.path)
+    assert final[9]["error"] is None and all(final[i] == after[i] for i in range(9))
 
 
 def test_model_actor_killed_mid_job_every_row_exactly_once(ray_local, tiny_llava, tmp_path):
