@@ -72,7 +72,7 @@ def test_a_manifest_that_cannot_serve_the_job_is_one_line_at_start(tiny_llava, t
 def test_manifest_job_every_row_once_bad_rows_named(ray_local, tiny_llava, tmp_path, request, store, fmt, ext):
     """LAION-style rows (key, URL, TEXT): good images, a missing file, an empty URL, a corrupt JPEG.
     Every row once, ids as the manifest gives them; a rerun processes nothing. Each format and each
-    store runs once (the four formats' parsing: test_auto_reads_a_manifest_by_its_extension_and_says_so)."""
+    store runs once (each extension's columns, types and row count: the test above)."""
     images = {"a.jpg": resized("chelsea", 64, 80), "b.png": resized("coffee", 48, 48, "PNG"),
               "c.jpg": encode(photo("rocket"), "JPEG")[:200]}
     if store == "s3":
