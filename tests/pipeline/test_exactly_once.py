@@ -53,7 +53,8 @@ def finished(ray_local, tiny_llava, tmp_path_factory) -> Path:
 
 
 def _finished_copy(finished: Path, tiny_llava, tmp_path, **output):
-    """The finished job's input, output and checkpoint under `tmp_path`, and its config there."""
+    """The finished job's output and checkpoint copied under `tmp_path`, beside the same input
+    written there anew; the config of that job."""
     for name in ("out", "out.checkpoint"):
         shutil.copytree(finished / name, tmp_path / name)
     return _job(tiny_llava, tmp_path, **output)[1]
