@@ -90,15 +90,18 @@ def test_a_second_run_on_the_same_output_refuses_and_the_first_finishes(ray_loca
 
 @pytest.mark.parametrize("age, refused", [(5, True), (1000, False)])
 def test_a_live_lease_refuses_and_an_expired_one_is_taken_over(ray_local, tiny_llava, finished, tmp_path, age, refused):
-    """On a finished output (a RayJob retried after a crash at its very end): a live lease refuses,
-    an expired one is taken over, and the run finishes and releases it."""
+    """On a finished output (a RayJob retried after a crash at its very end): a live lease refuses
+    and changes no file, an expired one is taken over, and the run finishes and releases it. A
+    takeover that then runs rows: test_resume.py (a dead holder's, and an expired holder's)."""
     cfg = _finished_copy(finished, tiny_llava, tmp_path, lease_wait_s=0)
     Path(lease_path(cfg)).write_text(json.dumps({"owner": "crashed-host:123:abcd", "heartbeat": time.time() - age, "expiry_s": 90}))
+    files = lambda: sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file())  # noqa: E731
     if refused:
+        before = files()
         with pytest.raises(JobError) as e:
             run_job(cfg)
         assert str(e.value).startswith("output.path: another run is writing this output (crashed-host:123:abcd, heartbeat 5 s ago)")
-        assert _rows(cfg) == 6  # untouched
+        assert files() == before  # the output, its checkpoint and manifest, and the lease untouched
     else:
         summary = run_job(cfg)
         assert (summary.rows_ok, summary.rows_processed) == (6, 0) and _rows(cfg) == 6

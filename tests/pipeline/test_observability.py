@@ -1,5 +1,5 @@
 """What a job shows while it runs and after: Prometheus metrics on the embedded Ray's port,
-progress lines with an ETA, the run manifest, error kinds and retrying by kind."""
+progress lines with an ETA, the run manifest, and error kinds in each (retrying by kind: test_resume.py)."""
 
 import json
 import re
