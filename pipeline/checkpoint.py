@@ -27,6 +27,27 @@ def resolve_model_name(name: str) -> str:
     return PRESETS.get(name, name)
 
 
+def leave_out_torch() -> bool:
+    """Mark torch absent in a process that has imported neither torch nor transformers (a CPU
+    actor's, the ingress replica's); True when torch is absent now.
+
+    transformers imports torch wherever it finds it, and with it torch._dynamo,
+    torch.distributed.tensor and scipy.optimize, though the processor's tokenizer, chat template
+    and PIL image processor use none of them: ~5.4 CPU-s and ~320 MB per process
+    (benchmarks/README.md, "Where start-up goes"). A module set to None in `sys.modules` is
+    Python's own way to make an import fail, and `find_spec` then reports it missing, so
+    transformers takes its torch-free path. A process that has torch already (the model
+    replica, a test calling the stages in-process) keeps it: the same processor classes run
+    either way, and tests compare the two."""
+    import sys
+
+    if "torch" in sys.modules or "transformers" in sys.modules:
+        return sys.modules.get("torch", False) is None
+    for name in ("torch", "torchvision"):
+        sys.modules[name] = None
+    return True
+
+
 def _family(model: ModelConfig, model_type: str) -> FamilySpec:
     if model.family != "auto":
         return family_spec(model.family)
@@ -59,12 +80,15 @@ class Checkpoint:
     max_images: int  # images one prompt may hold: the layout's (llava-interleave: 8), else the family's
 
     @classmethod
-    def load(cls, model: ModelConfig) -> "Checkpoint":
+    def load(cls, model: ModelConfig, *, without_torch: bool = False) -> "Checkpoint":
         """Read config.json and the processor files (no weights). A path or id that is not a
-        loadable LLaVA checkpoint is a ConfigError naming model.name, before any work starts."""
+        loadable LLaVA checkpoint is a ConfigError naming model.name, before any work starts.
+        `without_torch`: for a process that only prepares requests (`leave_out_torch`)."""
+        path = resolve_model_name(model.name)  # a tiny checkpoint is built with torch, before it is left out
+        if without_torch:
+            leave_out_torch()
         from transformers import AutoConfig, AutoProcessor
 
-        path = resolve_model_name(model.name)
         try:
             config = AutoConfig.from_pretrained(path, revision=model.revision)
         except (OSError, ValueError, KeyError) as e:

@@ -12,6 +12,7 @@ setting outside these is a one-line ConfigError naming model.name at start, neve
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,9 +110,11 @@ class ImageFacts:
         grid of the best pinpoint resolution, as the processor cuts them."""
         if not self.anyres:
             return [1] * len(sizes)
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+        from transformers.image_processing_utils import select_best_resolution  # no torch: CPU actors have none
 
-        return [image_size_to_num_patches(s, [list(p) for p in self.pinpoints], self.tile[0]) for s in sizes]
+        th, tw = self.tile
+        best = (select_best_resolution(list(s), [list(p) for p in self.pinpoints]) for s in sizes)
+        return [math.ceil(h / th) * math.ceil(w / tw) + 1 for h, w in best]
 
     @property
     def max_tokens(self) -> int:

@@ -121,7 +121,7 @@ class PreprocessStage:
 
             self.cfg.storage = self.cfg.storage.model_copy(update=ray.get(storage_secrets))
         cpus = max(1, int(self.cfg.resources.preprocess_cpus))
-        self.pre = Preprocessor(self.cfg, Checkpoint.load(self.cfg.model), threads=cpus)
+        self.pre = Preprocessor(self.cfg, Checkpoint.load(self.cfg.model, without_torch=True), threads=cpus)
         self.pool = ThreadPoolExecutor(max(self.cfg.fetch.concurrency, cpus), thread_name_prefix="prepare")
 
     def _outcome(self, row: dict[str, Any] | str, work: Callable[[Record], Any]) -> tuple[Any, RowError | None]:

@@ -8,6 +8,7 @@ import base64
 import json
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -160,6 +161,20 @@ def test_health_models_and_unknown_model(app, client):
         "param": "model",
         "code": "model_not_found",
     }
+
+
+def test_the_ingress_replica_never_loads_torch_and_the_model_replica_does(app):
+    """The ingress prepares requests with the checkpoint's processor alone (Checkpoint.load
+    without torch): its process maps no libtorch, which the model replica's process does."""
+    from ray._private.state import actors  # the GCS actor table; the public state API needs the dashboard
+
+    def maps_torch(pid: int) -> bool:
+        return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
+
+    alive = [a for a in actors().values() if a["State"] == "ALIVE" and a["ActorClassName"].startswith("ServeReplica:llava:")]
+    by_kind = {kind: {maps_torch(a["Pid"]) for a in alive if a["ActorClassName"].endswith(kind)}
+               for kind in ("LlavaIngress", "LlavaModel")}
+    assert by_kind == {"LlavaIngress": {False}, "LlavaModel": {True}}
 
 
 def _hf_turn(role: str, text: str, image: bool = False) -> dict:

@@ -145,3 +145,60 @@ def test_drop_repeated_ids_keeps_each_ids_first_row_across_batches():
     second = drop(pa.table({"id": pa.array([1, 3, 5], pa.int32()), "row": ["e", "f", "g"]}))
     assert (first.column("row").to_pylist(), second.column("row").to_pylist()) == (["a", "b", "d"], ["f"])
     assert first.schema == pa.schema([("id", pa.int32()), ("row", pa.string())])
+
+
+# A CPU actor's process: the stage built and called there as Ray Data does, its output and the
+# modules it imported written back.
+_STAGE_IN_A_FRESH_PROCESS = """
+import json, sys
+import pyarrow as pa
+from pipeline.stages import PreprocessStage
+cfg, src, dst = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+with pa.memory_map(src) as f:
+    batch = pa.ipc.open_file(f).read_all()
+out = PreprocessStage(cfg)(batch)
+with pa.OSFile(dst, "wb") as f, pa.ipc.new_file(f, out.schema) as w:
+    w.write_table(out)
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "scipy") and sys.modules[m] is not None)))
+"""
+
+
+@pytest.mark.parametrize("family,exact", [("tiny_llava", False), ("tiny_llava_next", False), ("tiny_llava_next", True)])
+def test_a_cpu_actor_prepares_without_torch_exactly_what_it_prepares_with_it(request, tmp_path, family, exact):
+    """A CPU actor's process never imports torch (the checkpoint's processor needs none), and its
+    prepared rows -- token ids, tiles, counts, errors -- equal those of the same stage in this
+    process, where torch is loaded. `exact`: the checkpoint's own image processor makes the tiles."""
+    import json
+    import subprocess
+    import sys
+
+    from pipeline.stages import PreprocessStage
+    from tests.conftest import ROOT
+
+    cfg = {"model": {"name": request.getfixturevalue(family)}, "input": {"path": "unused"},
+           "preprocess": {"exact": exact}}
+    images = [resized("astronaut", 480, 640), resized("coffee", 300, 900), resized("rocket", 1024, 768), b"not an image"]
+    batch = pa.table({"id": list(range(4)), "image": images, "prompt": [f"Row {i}: what is this?" for i in range(4)]})
+    with pa.OSFile(str(tmp_path / "in.arrow"), "wb") as f, pa.ipc.new_file(f, batch.schema) as w:
+        w.write_table(batch)
+    res = subprocess.run([sys.executable, "-c", _STAGE_IN_A_FRESH_PROCESS, json.dumps(cfg), str(tmp_path / "in.arrow"),
+                          str(tmp_path / "out.arrow")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.splitlines()[-1]) == []  # torch, torchvision and scipy never imported
+    with pa.memory_map(str(tmp_path / "out.arrow")) as f:
+        there = pa.ipc.open_file(f).read_all()
+    here = PreprocessStage(cfg)(batch)
+    assert there.equals(here)
+    assert here.column("error").null_count == 3 and here.column("error_kind")[3].as_py() == "decode"
+
+
+def test_anyres_tiles_per_image_are_transformers_count(tiny_llava_next):
+    """ImageFacts counts AnyRes tiles without the modeling module (it imports torch), as
+    transformers' `image_size_to_num_patches` counts them, for every shape from tall to wide."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    facts = preprocessor(load_config({"model": {"name": tiny_llava_next}})).checkpoint.images
+    sizes = [(h, w) for h in (1, 90, 336, 337, 500, 671, 672, 673, 1000, 3024) for w in (1, 120, 336, 672, 1008, 4032)]
+    expected = [image_size_to_num_patches(s, [list(p) for p in facts.pinpoints], facts.tile[0]) for s in sizes]
+    assert facts.tiles(sizes) == expected
+    assert len(set(expected)) > 2  # the sizes reach different grids
