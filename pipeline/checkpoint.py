@@ -28,8 +28,9 @@ def resolve_model_name(name: str) -> str:
 
 
 def leave_out_torch() -> bool:
-    """Mark torch absent in a process that has imported neither torch nor transformers (a CPU
-    actor's, the ingress replica's); True when torch is absent now.
+    """Mark torch absent in a process that has imported neither torch nor transformers and
+    runs no model (the job's driver and CPU actors, the ingress replica); True when torch is
+    absent now.
 
     transformers imports torch wherever it finds it, and with it torch._dynamo,
     torch.distributed.tensor and scipy.optimize, though the processor's tokenizer, chat template
@@ -39,12 +40,15 @@ def leave_out_torch() -> bool:
     transformers takes its torch-free path. A process that has torch already (the model
     replica, a test calling the stages in-process) keeps it: the same processor classes run
     either way, and tests compare the two."""
+    import logging
     import sys
 
     if "torch" in sys.modules or "transformers" in sys.modules:
         return sys.modules.get("torch", False) is None
     for name in ("torch", "torchvision"):
         sys.modules[name] = None
+    # transformers' notice that models are unavailable: true here, and nothing a user must act on
+    logging.getLogger("transformers").addFilter(lambda record: not record.getMessage().startswith("PyTorch was not found"))
     return True
 
 

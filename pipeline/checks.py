@@ -60,7 +60,7 @@ def check_environment(cfg: Config) -> Checkpoint:
         if getattr(cfg.resources, key) and not _on_cluster():
             raise ConfigError(f"resources.{key}", "custom resources need a Ray cluster whose nodes declare them "
                               "(RAY_ADDRESS); an embedded Ray has none, so the pool would never start")
-    checkpoint = Checkpoint.load(cfg.model)
+    checkpoint = Checkpoint.load(cfg.model, without_torch=True)  # after the CUDA checks, which import torch
     if cfg.backend == "vllm":
         check_vllm_settings(cfg, checkpoint)
     return checkpoint

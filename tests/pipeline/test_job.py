@@ -208,3 +208,33 @@ def test_globs_lists_image_url_parts_and_overwrite(ray_local, tiny_llava_next, t
     rerun = cfg.model_copy(update={"input": cfg.input.model_copy(update={"path": single})})
     assert run_job(rerun).rows_total == 1
     assert set(read_output(cfg.output.path)) == {"one"}  # overwrite removed the old rows
+
+
+_PREFLIGHT_IN_A_FRESH_PROCESS = """
+import json, sys
+from pipeline.config import Config
+from pipeline.job import preflight
+checkpoint, plan = preflight(Config.model_validate_json(sys.argv[1]))
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "scipy") and sys.modules[m] is not None)
+print(json.dumps([plan.rows, checkpoint.images.describe(), checkpoint.max_images, loaded]))
+"""
+
+
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_llava_next"])
+def test_a_drivers_checks_open_the_checkpoint_without_torch(request, tmp_path, family):
+    """`llava-ray run`'s process runs no model, so its checks never import torch (1.4 s instead
+    of 5.4 s before Ray starts); what they read of the checkpoint and the input is what the same
+    preflight reads here, beside torch."""
+    import subprocess
+    import sys
+
+    from pipeline.job import preflight
+    from tests.conftest import ROOT
+
+    cfg = _job(request.getfixturevalue(family), tmp_path, [{"id": i, "image": resized("coffee", 200, 300), "prompt": "?"} for i in range(3)])
+    res = subprocess.run([sys.executable, "-c", _PREFLIGHT_IN_A_FRESH_PROCESS, cfg.model_dump_json()], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "PyTorch" not in res.stderr  # transformers' notice that models are unavailable is not the user's concern
+    checkpoint, plan = preflight(cfg)
+    assert json.loads(res.stdout.splitlines()[-1]) == [3, checkpoint.images.describe(), checkpoint.max_images, []]
