@@ -2,8 +2,8 @@
 (default 256) of `offline.py`'s input and settings (tiny LLaVA-1.5, 64 new tokens):
 
   preflight  `job.preflight`: the checks, the checkpoint opened on the driver, the input inspected
-  imports    what an actor process imports before its first batch (transformers and the stages;
-             torch in the model actor only)
+  imports    what an actor process imports before its constructor (the stages; torch and
+             transformers in the model actor's)
   cpu actor  Checkpoint.load without torch + the Preprocessor, after those imports (its constructor)
   model      Checkpoint.load + the engine's model load, after those imports (the model actor's)
   job        run_job once Ray and its worker pool are up (as offline.py times it); each committed
@@ -33,10 +33,8 @@ _PIECE = r"""
 import json, sys, time
 cpu = sys.argv[1] == "cpu"
 t0 = time.perf_counter()
-if cpu:  # as the CPU actor imports: without torch (Checkpoint.load(without_torch=True))
-    from pipeline.checkpoint import leave_out_torch
-    leave_out_torch()
-    import transformers, pipeline.stages  # noqa: F401
+if cpu:  # the CPU actor imports the stages; its constructor loads transformers without torch
+    import pipeline.stages  # noqa: F401
 else:
     import torch, transformers, pipeline.stages  # noqa: F401
 imports = time.perf_counter() - t0
@@ -60,10 +58,12 @@ SPANS = {"list_files": "task::ListFiles", "first_read": "task::ReadFiles", "cpu_
          "first_generate": "GenerateStage)).submit", "first_write": "task::Write"}
 import ray
 from ray.data import DataContext
+from pipeline.checkpoint import leave_out_torch
 from pipeline.cluster import local_cpus
 from pipeline.config import Config
 from pipeline.job import preflight, run_job
 cfg = Config.model_validate_json(sys.argv[1])
+leave_out_torch(cfg.model)  # as `llava-ray run`'s process does (pipeline.cli._config)
 cpus = local_cpus(cfg)
 ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
 ray.get([ray.remote(lambda: None).remote() for _ in range(cpus)])

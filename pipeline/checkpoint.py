@@ -27,29 +27,28 @@ def resolve_model_name(name: str) -> str:
     return PRESETS.get(name, name)
 
 
-def leave_out_torch() -> bool:
-    """Mark torch absent in a process that has imported neither torch nor transformers and
-    runs no model (the job's driver and CPU actors, the ingress replica); True when torch is
-    absent now.
+def leave_out_torch(model: ModelConfig) -> None:
+    """Mark torch absent in a process llava-ray owns that runs no model (a CPU actor, the
+    ingress replica, the CLI's own process: `pipeline.cli`), unless it has imported torch or
+    transformers already. A tiny checkpoint `model` names is built first (with torch).
 
     transformers imports torch wherever it finds it, and with it torch._dynamo,
     torch.distributed.tensor and scipy.optimize, though the processor's tokenizer, chat template
     and PIL image processor use none of them: ~5.4 CPU-s and ~320 MB per process
     (benchmarks/README.md, "Where start-up goes"). A module set to None in `sys.modules` is
     Python's own way to make an import fail, and `find_spec` then reports it missing, so
-    transformers takes its torch-free path. A process that has torch already (the model
-    replica, a test calling the stages in-process) keeps it: the same processor classes run
-    either way, and tests compare the two."""
+    transformers takes its torch-free path. Never in a process that may want torch later (a
+    user's program calling `run_job`): there neither torch nor a transformers model could load."""
     import logging
     import sys
 
+    resolve_model_name(model.name)
     if "torch" in sys.modules or "transformers" in sys.modules:
-        return sys.modules.get("torch", False) is None
+        return
     for name in ("torch", "torchvision"):
         sys.modules[name] = None
     # transformers' notice that models are unavailable: true here, and nothing a user must act on
     logging.getLogger("transformers").addFilter(lambda record: not record.getMessage().startswith("PyTorch was not found"))
-    return True
 
 
 def _family(model: ModelConfig, model_type: str) -> FamilySpec:
@@ -88,11 +87,11 @@ class Checkpoint:
         """Read config.json and the processor files (no weights). A path or id that is not a
         loadable LLaVA checkpoint is a ConfigError naming model.name, before any work starts.
         `without_torch`: for a process that only prepares requests (`leave_out_torch`)."""
-        path = resolve_model_name(model.name)  # a tiny checkpoint is built with torch, before it is left out
         if without_torch:
-            leave_out_torch()
+            leave_out_torch(model)
         from transformers import AutoConfig, AutoProcessor
 
+        path = resolve_model_name(model.name)
         try:
             config = AutoConfig.from_pretrained(path, revision=model.revision)
         except (OSError, ValueError, KeyError) as e:

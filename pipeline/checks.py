@@ -40,8 +40,13 @@ def cuda_available() -> bool:
     return torch.cuda.is_available() or _on_cluster()
 
 
-def check_environment(cfg: Config) -> Checkpoint:
-    """Raise ConfigError when this machine cannot run `cfg`; return the checkpoint it opened."""
+def asks_for_a_gpu(cfg: Config) -> bool:
+    """Settings that need a CUDA GPU: only for these does `check_environment` ask torch
+    (`cuda_available`), so otherwise the checking process can do without torch."""
+    return cfg.backend == "vllm" or cfg.model.device == "cuda" or cfg.model.attn_implementation == "flash_attention_2"
+
+
+def _check_gpu_settings(cfg: Config) -> None:
     if cfg.backend == "vllm":
         if not _has("vllm"):
             raise ConfigError("backend", "'vllm' needs the vllm extra: pip install 'llava-ray[vllm]'")
@@ -54,13 +59,19 @@ def check_environment(cfg: Config) -> Checkpoint:
             raise ConfigError("model.attn_implementation", "flash_attention_2 needs a CUDA GPU; use sdpa")
         if not _has("flash_attn"):
             raise ConfigError("model.attn_implementation", "flash_attention_2 needs: pip install flash-attn; or use sdpa")
+
+
+def check_environment(cfg: Config) -> Checkpoint:
+    """Raise ConfigError when this machine cannot run `cfg`; return the checkpoint it opened."""
+    if asks_for_a_gpu(cfg):
+        _check_gpu_settings(cfg)
     if cfg.model.quantization.mode != "none" and not _has("bitsandbytes"):
         raise ConfigError("model.quantization.mode", f"{cfg.model.quantization.mode} needs: pip install 'llava-ray[quant]'")
     for key in ("preprocess_resources", "model_resources"):
         if getattr(cfg.resources, key) and not _on_cluster():
             raise ConfigError(f"resources.{key}", "custom resources need a Ray cluster whose nodes declare them "
                               "(RAY_ADDRESS); an embedded Ray has none, so the pool would never start")
-    checkpoint = Checkpoint.load(cfg.model, without_torch=True)  # after the CUDA checks, which import torch
+    checkpoint = Checkpoint.load(cfg.model)
     if cfg.backend == "vllm":
         check_vllm_settings(cfg, checkpoint)
     return checkpoint

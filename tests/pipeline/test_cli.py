@@ -1,5 +1,6 @@
 """The `llava-ray` command as a user runs it: exit codes, one-line errors, summaries, the demo."""
 
+import json
 import os
 import re
 import signal
@@ -31,6 +32,37 @@ def test_check_config_cli_exit_codes(tmp_path, tiny_llava):
     bad.write_text("model: [oops\n")
     res = cli_here("check-config", str(bad))
     assert res.returncode == 2 and "not valid YAML" in res.stderr
+
+
+_MAIN_IN_A_FRESH_PROCESS = """
+import json, sys
+from pipeline.cli import main
+code = main(sys.argv[1:])
+print(json.dumps([code, sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "scipy") and sys.modules[m] is not None)]))
+"""
+
+
+def _main_in_a_fresh_process(*args) -> tuple[list[str], int, list[str], str]:
+    """`pipeline.cli.main(args)` in a new process: what it printed, its code, the torch, torchvision
+    and scipy modules it imported, its stderr."""
+    res = subprocess.run([sys.executable, "-c", _MAIN_IN_A_FRESH_PROCESS, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    *printed, last = res.stdout.splitlines()
+    code, loaded = json.loads(last)
+    return printed, code, loaded, res.stderr
+
+
+def test_the_cli_process_checks_without_torch_what_it_checks_beside_it(tiny_llava, tiny_llava_next):
+    """The CLI's own process runs no model (run, plan, serve and check-config load their config
+    alike): it never imports torch, and prints what the same command prints where torch is
+    loaded. A setting that needs a GPU keeps torch, which its check asks."""
+    args = ["check-config", "configs/demo.yaml", "--set", f"model.name={tiny_llava_next}"]
+    printed, code, loaded, stderr = _main_in_a_fresh_process(*args)
+    assert (code, loaded, printed) == (0, [], cli_here(*args).stdout.splitlines())
+    assert "PyTorch" not in stderr  # transformers' notice that models are unavailable is not the user's concern
+
+    _, _, loaded, _ = _main_in_a_fresh_process("check-config", "configs/demo.yaml", "--set", f"model.name={tiny_llava}",
+                                               "--set", "model.device=cuda")
+    assert "torch" in loaded
 
 
 @pytest.mark.cpu_only
