@@ -210,7 +210,6 @@ def test_globs_lists_image_url_parts_and_overwrite(ray_local, tiny_llava_next, t
     assert set(read_output(cfg.output.path)) == {"one"}  # overwrite removed the old rows
 
 
-
 _PREFLIGHT_IN_A_PROGRAM = """
 import json, sys
 from pipeline.config import Config
