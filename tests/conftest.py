@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -67,6 +68,18 @@ def cli(*args, cwd=ROOT, timeout=240, env=None):
     """`llava-ray ARGS` in a fresh process, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+def in_a_fresh_process(code: str, *args: str) -> tuple[list[str], list[str]]:
+    """`code` run by a new Python from the repository with `args` as sys.argv[1:]: the lines it
+    printed, and the torch, torchvision and scipy modules it had imported by its end (for the
+    processes that leave torch out: pipeline.checkpoint.leave_out_torch)."""
+    report = ('\nimport json as _json, sys as _sys\nprint(_json.dumps(sorted(m for m in _sys.modules if m.split(".")[0] '
+              'in ("torch", "torchvision", "scipy") and _sys.modules[m] is not None)))\n')
+    res = subprocess.run([sys.executable, "-c", code + report, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "PyTorch" not in res.stderr, res.stderr  # transformers' notice is not the user's concern
+    *printed, loaded = res.stdout.splitlines()
+    return printed, json.loads(loaded)
 
 
 def cli_here(*args) -> subprocess.CompletedProcess:

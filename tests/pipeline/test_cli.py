@@ -1,6 +1,5 @@
 """The `llava-ray` command as a user runs it: exit codes, one-line errors, summaries, the demo."""
 
-import json
 import os
 import re
 import signal
@@ -12,7 +11,7 @@ import pytest
 import transformers as tf
 import yaml
 
-from tests.conftest import ROOT, cli, cli_here, read_output, resized, write_parquet
+from tests.conftest import ROOT, cli, cli_here, in_a_fresh_process, read_output, resized, write_parquet
 
 
 def test_check_config_cli_exit_codes(tmp_path, tiny_llava):
@@ -34,34 +33,17 @@ def test_check_config_cli_exit_codes(tmp_path, tiny_llava):
     assert res.returncode == 2 and "not valid YAML" in res.stderr
 
 
-_MAIN_IN_A_FRESH_PROCESS = """
-import json, sys
-from pipeline.cli import main
-code = main(sys.argv[1:])
-print(json.dumps([code, sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "scipy") and sys.modules[m] is not None)]))
-"""
-
-
-def _main_in_a_fresh_process(*args) -> tuple[list[str], int, list[str], str]:
-    """`pipeline.cli.main(args)` in a new process: what it printed, its code, the torch, torchvision
-    and scipy modules it imported, its stderr."""
-    res = subprocess.run([sys.executable, "-c", _MAIN_IN_A_FRESH_PROCESS, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    *printed, last = res.stdout.splitlines()
-    code, loaded = json.loads(last)
-    return printed, code, loaded, res.stderr
-
-
 def test_the_cli_process_checks_without_torch_what_it_checks_beside_it(tiny_llava, tiny_llava_next):
     """The CLI's own process runs no model (run, plan, serve and check-config load their config
     alike): it never imports torch, and prints what the same command prints where torch is
     loaded. A setting that needs a GPU keeps torch, which its check asks."""
+    main = "import sys\nfrom pipeline.cli import main\nprint(main(sys.argv[1:]))"
     args = ["check-config", "configs/demo.yaml", "--set", f"model.name={tiny_llava_next}"]
-    printed, code, loaded, stderr = _main_in_a_fresh_process(*args)
-    assert (code, loaded, printed) == (0, [], cli_here(*args).stdout.splitlines())
-    assert "PyTorch" not in stderr  # transformers' notice that models are unavailable is not the user's concern
+    printed, loaded = in_a_fresh_process(main, *args)
+    assert (printed, loaded) == ([*cli_here(*args).stdout.splitlines(), "0"], [])
 
-    _, _, loaded, _ = _main_in_a_fresh_process("check-config", "configs/demo.yaml", "--set", f"model.name={tiny_llava}",
-                                               "--set", "model.device=cuda")
+    _, loaded = in_a_fresh_process(main, "check-config", "configs/demo.yaml", "--set", f"model.name={tiny_llava}",
+                                   "--set", "model.device=cuda")
     assert "torch" in loaded
 
 

@@ -225,17 +225,12 @@ def test_a_program_calling_the_job_keeps_torch(tiny_llava, tmp_path):
     """Torch is left out only of processes llava-ray owns (its CLI's, its actors'): a program
     that calls `run_job` (here its preflight) can still import torch and load transformers
     models afterwards, and the checks read what they read beside an imported torch."""
-    import subprocess
-    import sys
-
     import torch
 
     from pipeline.job import preflight
-    from tests.conftest import ROOT
+    from tests.conftest import in_a_fresh_process
 
     cfg = _job(tiny_llava, tmp_path, [{"id": i, "image": resized("coffee", 200, 300), "prompt": "?"} for i in range(3)])
-    res = subprocess.run([sys.executable, "-c", _PREFLIGHT_IN_A_PROGRAM, cfg.model_dump_json()], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
+    printed, loaded = in_a_fresh_process(_PREFLIGHT_IN_A_PROGRAM, cfg.model_dump_json())
     checkpoint, plan = preflight(cfg)
-    assert json.loads(res.stdout.splitlines()[-1]) == [3, checkpoint.images.describe(), torch.__version__]
+    assert json.loads(printed[-1]) == [3, checkpoint.images.describe(), torch.__version__] and "torch" in loaded

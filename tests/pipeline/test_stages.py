@@ -147,9 +147,8 @@ def test_drop_repeated_ids_keeps_each_ids_first_row_across_batches():
     assert first.schema == pa.schema([("id", pa.int32()), ("row", pa.string())])
 
 
-# A CPU actor's process: the stage built and called there as Ray Data does, its output and the
-# modules it imported written back.
-_STAGE_IN_A_FRESH_PROCESS = """
+# A CPU actor's process: the stage built and called there as Ray Data does, its output written back.
+_STAGE = """
 import json, sys
 import pyarrow as pa
 from pipeline.stages import PreprocessStage
@@ -159,7 +158,6 @@ with pa.memory_map(src) as f:
 out = PreprocessStage(cfg)(batch)
 with pa.OSFile(dst, "wb") as f, pa.ipc.new_file(f, out.schema) as w:
     w.write_table(out)
-print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "scipy") and sys.modules[m] is not None)))
 """
 
 
@@ -169,11 +167,9 @@ def test_a_cpu_actor_prepares_without_torch_exactly_what_it_prepares_with_it(req
     prepared rows -- token ids, tiles, counts, errors -- equal those of the same stage in this
     process, where torch is loaded. `exact`: the checkpoint's own image processor makes the tiles."""
     import json
-    import subprocess
-    import sys
 
     from pipeline.stages import PreprocessStage
-    from tests.conftest import ROOT
+    from tests.conftest import in_a_fresh_process
 
     cfg = {"model": {"name": request.getfixturevalue(family)}, "input": {"path": "unused"},
            "preprocess": {"exact": exact}}
@@ -181,10 +177,8 @@ def test_a_cpu_actor_prepares_without_torch_exactly_what_it_prepares_with_it(req
     batch = pa.table({"id": list(range(4)), "image": images, "prompt": [f"Row {i}: what is this?" for i in range(4)]})
     with pa.OSFile(str(tmp_path / "in.arrow"), "wb") as f, pa.ipc.new_file(f, batch.schema) as w:
         w.write_table(batch)
-    res = subprocess.run([sys.executable, "-c", _STAGE_IN_A_FRESH_PROCESS, json.dumps(cfg), str(tmp_path / "in.arrow"),
-                          str(tmp_path / "out.arrow")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout.splitlines()[-1]) == []  # torch, torchvision and scipy never imported
+    _, loaded = in_a_fresh_process(_STAGE, json.dumps(cfg), str(tmp_path / "in.arrow"), str(tmp_path / "out.arrow"))
+    assert loaded == []  # torch, torchvision and scipy never imported
     with pa.memory_map(str(tmp_path / "out.arrow")) as f:
         there = pa.ipc.open_file(f).read_all()
     here = PreprocessStage(cfg)(batch)
