@@ -81,7 +81,7 @@ if way == "all_ids":
     listed = output_rows(checkpoint_path(cfg), cfg.storage, ["id"]).column(0)
     rows, note = len(ids), pa.compute.count_distinct(ids).as_py() - len(listed)
 else:
-    note = reconcile(cfg, pa.string(), lambda files: output_repeats(cfg, files, pa.string())).note
+    note = reconcile(cfg, pa.string(), lambda files, rows: output_repeats(cfg, files, pa.string(), rows)).note
     rows = None
 seconds = time.perf_counter() - t
 print(json.dumps({"way": way, "seconds": round(seconds, 2), "ray_start_s": round(ray_s, 2), "rows": rows,

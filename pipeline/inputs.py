@@ -178,5 +178,5 @@ def check_ids_on_cluster(cfg: Config, plan: InputPlan) -> InputPlan:
     if plan.ids_checked:
         return plan
     logger.info("input: checking %d ids for repeats on the cluster", plan.rows)
-    dropped, repeated = _verdict(cfg, plan.reader.repeated_ids(cfg.input.columns.id, plan.schema))
+    dropped, repeated = _verdict(cfg, plan.reader.repeated_ids(cfg.input.columns.id, plan.schema, plan.rows))
     return replace(plan, dropped_duplicates=dropped, repeated_ids=repeated, ids_checked=True)

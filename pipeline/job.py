@@ -88,7 +88,7 @@ def _run(cfg: Config, plan: InputPlan, checkpoint: Checkpoint, retry_failed: boo
         if retry_failed:
             drop_failed_rows(cfg, None if retry_failed is True else list(retry_failed), fence)
         # every committed output id, when reconcile read them within the driver's bound (else None)
-        output_ids = reconcile(cfg, plan.id_type, lambda files: output_repeats(cfg, files, plan.id_type), fence).output_ids
+        output_ids = reconcile(cfg, plan.id_type, lambda files, rows: output_repeats(cfg, files, plan.id_type, rows), fence).output_ids
     # Data files of a block whose commit a stop interrupted are deleted by Ray Data at start
     # (their rows run again): they are neither done before this run nor written by it.
     committed, uncommitted = split_output(cfg)

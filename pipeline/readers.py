@@ -11,7 +11,7 @@ import logging
 import os
 import posixpath
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -59,10 +59,11 @@ class Reader:
         plan's execution runs inside)."""
         yield
 
-    def repeated_ids(self, column: str, schema: pa.Schema) -> list[tuple]:
+    def repeated_ids(self, column: str, schema: pa.Schema, rows: int) -> list[tuple]:
         """(id, rows) of each id that repeats or is null, by a Ray Data hash aggregation on the
-        cluster: the driver holds only those, however large the input."""
-        return _repeated(self.dataset([column], pa.schema([schema.field(column)])), column)
+        cluster over the input's `rows`: the driver holds only those, however large the input."""
+        with self.reading():
+            return _repeated(self.dataset([column], pa.schema([schema.field(column)])), column, rows)
 
     def _unreadable(self, path: str, e: Exception) -> JobError:
         return JobError(f"input.path: {path} is not a readable {self.what} file: {first_line(e)}")
@@ -393,25 +394,38 @@ def _auto(cfg: Config) -> type[Reader]:
     return found.pop()
 
 
-def _repeated(ds, column: str) -> list[tuple]:
+# Ids one hash partition of the repeat check holds (tens of MB): Ray Data's default is a fixed 200
+# partitions, 200 reduce tasks whatever the size (~8 s of the check on a small input, 2 cores).
+IDS_PER_PARTITION = 1_000_000
+
+
+def _repeated(ds, column: str, rows: int) -> list[tuple]:
+    from ray.data import DataContext
     from ray.data.expressions import col
 
-    found = ds.groupby(column).count().filter(expr=(col("count()") > 1) | col(column).is_null()).take_all()
+    partitions = min(max(1, -(-rows // IDS_PER_PARTITION)), DataContext.get_current().default_hash_shuffle_parallelism)
+    counts = ds.groupby(column, num_partitions=partitions).count()
+    found = counts.filter(expr=(col("count()") > 1) | col(column).is_null()).take_all()
     return [(row[column], row["count()"]) for row in found]
 
 
-def output_repeats(cfg: Config, files: list[str], id_type: pa.DataType) -> int:
-    """Rows of a resumed output (its Parquet and JSON Lines data `files`) that repeat an earlier
-    row's id, counted on the cluster as the input's ids are (resume.reconcile, for a large output)."""
+def output_repeats(cfg: Config, files: list[str], id_type: pa.DataType, rows: int) -> int:
+    """Of a resumed output's `rows` (its Parquet and JSON Lines data `files`), those that repeat an
+    earlier row's id, counted on the cluster as the input's ids are (resume.reconcile, for a large
+    output)."""
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     fs, _ = fsspec_fs(cfg.output.path, cfg.storage)
     column, schema = cfg.input.columns.id, pa.schema([pa.field(cfg.input.columns.id, id_type)])
-    parts = [reader(cfg, PyFileSystem(FSSpecHandler(fs)), mine).dataset([column], schema)
-             for reader in (ParquetReader, JsonReader) if (mine := [f for f in files if f.endswith(reader.extensions)])]
-    if not parts:
+    readers = [reader(cfg, PyFileSystem(FSSpecHandler(fs)), mine)
+               for reader in (ParquetReader, JsonReader) if (mine := [f for f in files if f.endswith(reader.extensions)])]
+    if not readers:
         return 0
-    return sum(rows - 1 for _, rows in _repeated(parts[0].union(*parts[1:]) if parts[1:] else parts[0], column))
+    with ExitStack() as reading:
+        for r in readers:
+            reading.enter_context(r.reading())
+        parts = [r.dataset([column], schema) for r in readers]
+        return sum(n - 1 for _, n in _repeated(parts[0].union(*parts[1:]) if parts[1:] else parts[0], column, rows))
 
 
 def open_input(cfg: Config) -> Reader:

@@ -160,13 +160,13 @@ class Reconciled(NamedTuple):
     output_ids: pa.ChunkedArray | None  # every committed output id; None past the driver's bound
 
 
-def reconcile(cfg: Config, id_type: pa.DataType, repeats_on_cluster: Callable[[list[str]], int],
+def reconcile(cfg: Config, id_type: pa.DataType, repeats_on_cluster: Callable[[list[str], int], int],
               fence: FenceCheck = None) -> Reconciled:
     """Make the checkpoint agree with the output, block by block.
 
     The driver holds one block's ids at a time; whether two blocks repeat an id is counted on the
     driver up to `input.driver_id_check_max_rows` output rows (those ids are returned, for
-    `all_done`) and by `repeats_on_cluster` (a Ray Data aggregation) beyond. Data files of a
+    `all_done`) and by `repeats_on_cluster(files, rows)` (a Ray Data aggregation) beyond. Data files of a
     pending (uncommitted) checkpoint are left out: Ray deletes them when the run starts, and their
     rows run again."""
     id_col = cfg.input.columns.id
@@ -197,7 +197,7 @@ def reconcile(cfg: Config, id_type: pa.DataType, repeats_on_cluster: Callable[[l
         repeated = rows - pc.count_distinct(output_ids, mode="all").as_py() if rows else 0
     else:
         logger.info("output: checking %d ids for repeats on the cluster", rows)
-        repeated = repeats_on_cluster(data)
+        repeated = repeats_on_cluster(data, rows)
     if repeated:
         raise JobError(
             f"output.path: {repeated} rows of the existing output repeat an id (two runs wrote it at once?); "

@@ -38,7 +38,7 @@ def _listed(cfg) -> dict[str, set]:
     return {p.name: set(pq.read_table(p).column("id").to_pylist()) for p in sorted(Path(checkpoint_path(cfg)).glob("*.parquet"))}
 
 
-def _never(files):
+def _never(files, rows):
     raise AssertionError("the driver's bound was not reached: no cluster check")
 
 
@@ -88,12 +88,12 @@ def test_past_the_drivers_bound_repeats_are_counted_on_the_cluster(ray_local, tm
     _write(cfg, BLOCKS)
     asked = []
 
-    def on_cluster(files):
-        asked.append([posixpath.basename(f) for f in files])
-        return output_repeats(cfg, files, pa.string())
+    def on_cluster(files, rows):
+        asked.append(([posixpath.basename(f) for f in files], rows))
+        return output_repeats(cfg, files, pa.string(), rows)
 
     assert reconcile(cfg, pa.string(), on_cluster) == (None, None)  # past the bound: no ids kept on the driver
-    assert asked == [[f"{b}-0.parquet" for b in sorted(BLOCKS)]]
+    assert asked == [([f"{b}-0.parquet" for b in sorted(BLOCKS)], 7)]
 
     (Path(cfg.output.path) / "v_000000-0.json").write_text('{"id": "g", "text": "again"}\n{"id": "h", "text": "new"}\n')
     with pytest.raises(JobError, match=r"^output.path: 1 rows of the existing output repeat an id"):
