@@ -28,7 +28,6 @@ from tests.conftest import (
     photo,
     pil_error,
     png_claiming,
-    read_output,
     reference,
     resized,
     saved,
@@ -190,17 +189,20 @@ def test_the_corpus_through_the_stages(tiny_llava, tmp_path):
 
 @pytest.mark.slow
 def test_invalid_utf8_is_carried_untouched_and_costs_only_its_row(ray_local, tiny_llava, tmp_path):
-    """The same corpus as a real job on Ray, written to Parquet with its invalid bytes: the job
-    finishes, every row once, and a passthrough column's bytes come back as they went in."""
+    """The same corpus as a real job on Ray, written to Parquet with its invalid bytes and
+    large_string ids (as Polars writes them): the job finishes, every row once, a passthrough
+    column's bytes come back as they went in, and a rerun finds every id done."""
     import pyarrow.parquet as pq
 
     rows, wanted = corpus(tmp_path)
     keep = ["good", "bad_utf8_passthrough", "bad_utf8_prompt", "bad_utf8_messages", "bad_utf8_path", "fifo_path", "truncated_jpeg"]
     rows = [r for r in rows if r["id"] in keep]
-    pq.write_table(_table(rows).drop_columns(["hf"]), tmp_path / "in.parquet")
-    data = _config(tiny_llava, tmp_path, resources={"rows_per_block": 2, "model_batch_size": 2, "preprocess_batch_size": 2})
-    summary = run_job(load_config(data))
+    table = _table(rows).drop_columns(["hf"])
+    pq.write_table(table.set_column(0, "id", table.column("id").cast(pa.large_string())), tmp_path / "in.parquet")
+    cfg = load_config(_config(tiny_llava, tmp_path, resources={"rows_per_block": 2, "model_batch_size": 2, "preprocess_batch_size": 2}))
+    summary = run_job(cfg)
     assert (summary.rows_total, summary.rows_ok) == (len(keep), 2)
+    assert run_job(cfg).rows_processed == 0  # resumed on large_string ids: every id found done
     got = pq.read_table(tmp_path / "out")
     ids = got.column("id").to_pylist()
     tags = dict(zip(ids, got.column("tag").cast(pa.binary()).to_pylist()))  # the bytes as they went in
@@ -246,16 +248,6 @@ def test_every_id_type_a_parquet_writer_produces(tiny_llava, tmp_path, kind):
         with pytest.raises(JobError) as e:
             inspect_input(cfg, open_input(cfg))
         assert str(e.value) == refusal
-
-
-@pytest.mark.slow
-def test_large_string_ids_resume_exactly_once(ray_local, tiny_llava, tmp_path):
-    path = _write(tmp_path, pa.table({"id": pa.array([f"r{i}" for i in range(6)], pa.large_string()),
-                                      "image": pa.array([GOOD] * 6, pa.binary())}))
-    cfg = load_config(_config(tiny_llava, tmp_path, input={"path": path}, resources={"rows_per_block": 2}))
-    assert run_job(cfg).rows_ok == 6
-    assert run_job(cfg).rows_processed == 0
-    assert sorted(read_output(cfg.output.path)) == [f"r{i}" for i in range(6)]
 
 
 def test_job_start_refusals(tiny_llava, tmp_path, ray_never_started):

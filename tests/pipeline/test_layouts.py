@@ -3,6 +3,7 @@ config classes, image processor, special tokens and chat template: `check-config
 a job and an endpoint request answer it, text and token counts equal to transformers."""
 
 import base64
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -97,7 +98,16 @@ def test_a_job_and_an_endpoint_request_on_each_layout_equal_transformers(ray_loc
         "input": {"path": write_parquet(tmp_path / "in.parquet", rows)}, "output": {"path": str(tmp_path / "out")},
         "resources": {"model_batch_size": 4, "preprocess_batch_size": 4, "rows_per_block": 4},
     })
-    summary = run_job(cfg)
+    serve_cfg = load_config("configs/serve-tiny.yaml", overrides={
+        "model.name": ckpt, "generation.max_new_tokens": MAX_NEW, "serve.port": serve_port,
+        "serve.served_model_name": name, "serve.api_key": KEY})
+    # This layout's application replaces the one before while the job runs (each start is mostly
+    # one process importing torch: side by side they use both cores); serve.run returns once its
+    # replicas serve.
+    with ThreadPoolExecutor(1) as pool:
+        deployed = pool.submit(serve.run, build(serve_cfg), name=APP_NAME, route_prefix="/")
+        summary = run_job(cfg)
+        deployed.result()
     out = read_output(cfg.output.path)
     assert set(out) == set(ROWS) and summary.rows_ok == len(ROWS)
     expected = {k: reference(ckpt, [img], prompt or cfg.prompt.default, MAX_NEW) for k, (img, prompt) in ROWS.items()}
@@ -109,10 +119,6 @@ def test_a_job_and_an_endpoint_request_on_each_layout_equal_transformers(ray_loc
     assert len({ref.prompt_tokens for ref in expected.values()}) == len(ROWS)  # distinct prompts reached the model
     assert len({ref.text for ref in expected.values()}) > 1
 
-    serve_cfg = load_config("configs/serve-tiny.yaml", overrides={
-        "model.name": ckpt, "generation.max_new_tokens": MAX_NEW, "serve.port": serve_port,
-        "serve.served_model_name": name, "serve.api_key": KEY})
-    serve.run(build(serve_cfg), name=APP_NAME, route_prefix="/")  # returns once this layout's replicas serve
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{serve_port}/v1", api_key=KEY, max_retries=0, timeout=120)
     assert [m.id for m in client.models.list()] == [name]  # this layout's application, not the one before
     for key in ("astronaut", "coffee"):
