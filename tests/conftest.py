@@ -273,6 +273,49 @@ def metrics_url(ray_local) -> str:
     return f"http://127.0.0.1:{port}/metrics"
 
 
+def small_job(ckpt: str, tmp_path: Path, n: int = 6, ids: list | None = None, **output):
+    """A job over `n` small photos (ids r0, r1, ... or `ids`) in 2-row blocks, 4 new tokens, its
+    YAML written as `tmp_path/job.yaml`; `output`: settings of its output. -> (YAML path, Config)."""
+    import yaml
+
+    from pipeline.config import load_config
+
+    ids = ids or [f"r{i}" for i in range(n)]
+    rows = [{"id": i, "image": resized("coffee", 100 + k, 120), "prompt": f"Row {k}?"} for k, i in enumerate(ids)]
+    data = {
+        "model": {"name": ckpt}, "generation": {"max_new_tokens": 4},
+        "input": {"path": write_parquet(tmp_path / f"in-{type(ids[0]).__name__}.parquet", rows)},
+        "output": {"path": str(tmp_path / "out"), **output},
+        "resources": {"rows_per_block": 2, "model_batch_size": 2, "preprocess_batch_size": 2},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path, load_config(data)
+
+
+@pytest.fixture(scope="session")
+def finished(ray_local, tiny_llava, tmp_path_factory) -> Path:
+    """A finished 6-row `small_job`'s folder (input, `out`, `out.checkpoint`), run once for the
+    tests that start from a finished output (test_exactly_once.py, test_resume.py, test_s3.py);
+    each works on a copy (`finished_copy`)."""
+    from pipeline.job import run_job
+
+    tmp = tmp_path_factory.mktemp("finished")
+    _, cfg = small_job(tiny_llava, tmp)
+    assert run_job(cfg).rows_ok == 6
+    return tmp
+
+
+def finished_copy(finished: Path, ckpt: str, tmp_path: Path, **output):
+    """`finished`'s output and checkpoint copied under `tmp_path`, beside the same input written
+    there anew: the Config of that job (`output`: settings of its output)."""
+    import shutil
+
+    for name in ("out", "out.checkpoint"):
+        shutil.copytree(finished / name, tmp_path / name)
+    return small_job(ckpt, tmp_path, **output)[1]
+
+
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
     """Prometheus text over HTTP, parsed by prometheus_client: {(sample name, labels): value},
     summed over Ray's per-process labels (worker, component, ...)."""
@@ -293,17 +336,19 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
 
 
 def settled(metrics_url: str, done=None) -> dict:
-    """Scrape until `done(samples)` holds, or (no `done`) until two scrapes two seconds apart agree:
-    Ray exports every second, so what was just counted may not be exported yet."""
+    """Scrape until `done(samples)` holds, or (no `done`) until two scrapes two seconds apart agree
+    on llava-ray's own samples (Ray's own move for reasons of their own): Ray exports every
+    second, so what was just counted may not be exported yet."""
     import time
 
+    ours = lambda samples: {k: v for k, v in samples.items() if k[0].startswith("ray_llava_ray_")}  # noqa: E731
     deadline = time.monotonic() + 30
     last = None
     while True:
         samples = scrape(metrics_url)
-        if (done(samples) if done else samples == last) or time.monotonic() > deadline:
+        if (done(samples) if done else ours(samples) == last) or time.monotonic() > deadline:
             return samples
-        last = samples
+        last = ours(samples)
         time.sleep(0.25 if done else 2.0)
 
 

@@ -11,60 +11,26 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from ray._common.utils import get_default_ray_temp_dir
 
-from pipeline.config import load_config
 from pipeline.errors import JobError
 from pipeline.job import run_job
 from pipeline.lease import lease_path
 from pipeline.resume import checkpoint_path
-from tests.conftest import ROOT, read_output, resized, with_model_actor_paused, write_parquet
+from tests.conftest import ROOT, finished_copy, read_output, small_job, with_model_actor_paused
 
 pytestmark = pytest.mark.slow
-
-
-def _job(ckpt, tmp_path, n=6, ids=None, **output):
-    ids = ids or [f"r{i}" for i in range(n)]
-    rows = [{"id": i, "image": resized("coffee", 100 + k, 120), "prompt": f"Row {k}?"} for k, i in enumerate(ids)]
-    data = {
-        "model": {"name": ckpt}, "generation": {"max_new_tokens": 4},
-        "input": {"path": write_parquet(tmp_path / f"in-{type(ids[0]).__name__}.parquet", rows)},
-        "output": {"path": str(tmp_path / "out"), **output},
-        "resources": {"rows_per_block": 2, "model_batch_size": 2, "preprocess_batch_size": 2},
-    }
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path, load_config(data)
 
 
 def _rows(cfg) -> int:
     return pq.ParquetDataset(cfg.output.path).read().num_rows
 
 
-@pytest.fixture(scope="module")
-def finished(ray_local, tiny_llava, tmp_path_factory) -> Path:
-    """A finished 6-row job's folder (input, output, checkpoint), run once for the tests below
-    that start from a finished output; each works on its own copy (`_finished_copy`)."""
-    tmp = tmp_path_factory.mktemp("finished")
-    _, cfg = _job(tiny_llava, tmp)
-    assert run_job(cfg).rows_ok == 6
-    return tmp
-
-
-def _finished_copy(finished: Path, tiny_llava, tmp_path, **output):
-    """The finished job's output and checkpoint copied under `tmp_path`, beside the same input
-    written there anew; the config of that job."""
-    for name in ("out", "out.checkpoint"):
-        shutil.copytree(finished / name, tmp_path / name)
-    return _job(tiny_llava, tmp_path, **output)[1]
-
-
 def test_a_second_run_on_the_same_output_refuses_and_the_first_finishes(ray_local, tiny_llava, tmp_path):
     """`llava-ray run` on an output a running job holds (here a job on the session's Ray, its
     model actor paused meanwhile so it cannot finish first): one line, exit 1, before Ray starts;
     the first finishes, every row once."""
-    path, cfg = _job(tiny_llava, tmp_path, n=24)
+    path, cfg = small_job(tiny_llava, tmp_path, n=24)
     lease = Path(lease_path(cfg))
 
     def second():
@@ -93,7 +59,7 @@ def test_a_live_lease_refuses_and_an_expired_one_is_taken_over(ray_local, tiny_l
     """On a finished output (a RayJob retried after a crash at its very end): a live lease refuses
     and changes no file, an expired one is taken over, and the run finishes and releases it. A
     takeover that then runs rows: test_resume.py (a dead holder's, and an expired holder's)."""
-    cfg = _finished_copy(finished, tiny_llava, tmp_path, lease_wait_s=0)
+    cfg = finished_copy(finished, tiny_llava, tmp_path, lease_wait_s=0)
     Path(lease_path(cfg)).write_text(json.dumps({"owner": "crashed-host:123:abcd", "heartbeat": time.time() - age, "expiry_s": 90}))
     files = lambda: sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file())  # noqa: E731
     if refused:
@@ -109,7 +75,7 @@ def test_a_live_lease_refuses_and_an_expired_one_is_taken_over(ray_local, tiny_l
 
 
 def test_hand_damaged_output_and_checkpoint_are_reconciled(ray_local, tiny_llava, finished, tmp_path):
-    cfg = _finished_copy(finished, tiny_llava, tmp_path)
+    cfg = finished_copy(finished, tiny_llava, tmp_path)
     reference = read_output(cfg.output.path)
     assert len(reference) == 6
 
@@ -130,8 +96,8 @@ def test_hand_damaged_output_and_checkpoint_are_reconciled(ray_local, tiny_llava
 
 
 def test_a_checkpoint_of_other_ids_is_one_line(ray_local, tiny_llava, finished, tmp_path):
-    _finished_copy(finished, tiny_llava, tmp_path)
-    _, other = _job(tiny_llava, tmp_path, ids=[1, 2, 3])  # int ids on the output of string ids
+    finished_copy(finished, tiny_llava, tmp_path)
+    _, other = small_job(tiny_llava, tmp_path, ids=[1, 2, 3])  # int ids on the output of string ids
     with pytest.raises(JobError) as e:
         run_job(other)
     assert str(e.value) == ("output.path: the existing checkpoint has string ids but the input's are int64; this output "

@@ -199,13 +199,13 @@ def test_image_folder_job_on_s3_ids_are_relative_paths(ray_local, tiny_llava, tm
     assert run_job(cfg).rows_processed == 0  # the same ids on a rerun
 
 
-def _killed_and_rerun(tiny_llava, tmp_path, fmt: str, ids: list[str]) -> None:
+def _killed_and_rerun(ray, tiny_llava, tmp_path, fmt: str, ids: list[str]) -> None:
     """A job over `tmp_path/in` (the rows `ids` name, 40 or more) killed mid-run (SIGKILL of its
-    whole tree), then rerun at once: exactly once, and only the rows the first run did not commit
-    are processed."""
+    driver, attached to the session's Ray as a RayJob's is), then rerun at once: exactly once, and
+    only the rows the first run did not commit are processed."""
     import yaml
 
-    from tests.pipeline.test_resume import _committed_ids, _kill_tree, _start_job, _wait_committed
+    from tests.pipeline.test_resume import _committed_ids, _kill_attached, _start_job, _wait_committed
 
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump({
@@ -214,10 +214,9 @@ def _killed_and_rerun(tiny_llava, tmp_path, fmt: str, ids: list[str]) -> None:
         "output": {"path": str(tmp_path / "out"), "lease_expiry_s": 5, "lease_wait_s": 0},
         "resources": {"rows_per_block": 4, "model_batch_size": 4, "preprocess_batch_size": 4}}))
     cfg = load_config(path)
-    proc = _start_job(path)
+    proc = _start_job(path, ray)
     _wait_committed(cfg, proc, 8)
-    _kill_tree(proc.pid)
-    proc.wait()
+    _kill_attached(proc, ray)
     done = _committed_ids(cfg)
     assert 8 <= len(done) < len(ids), "the stop should land mid-job"
     summary = run_job(cfg)
@@ -228,7 +227,7 @@ def _killed_and_rerun(tiny_llava, tmp_path, fmt: str, ids: list[str]) -> None:
 
 @pytest.mark.slow
 def test_image_folder_job_killed_and_rerun_processes_only_the_missing_rows(ray_local, tiny_llava, tmp_path):
-    _killed_and_rerun(tiny_llava, tmp_path, "images", list(_image_folder(_local_put(tmp_path / "in"), 40, bad=False)))
+    _killed_and_rerun(ray_local, tiny_llava, tmp_path, "images", list(_image_folder(_local_put(tmp_path / "in"), 40, bad=False)))
 
 
 TEMPLATE = "The alt text is: {TEXT}. The page is {meta.title}. Write a detailed caption."
@@ -366,7 +365,7 @@ def test_webdataset_job_on_s3_every_sample_once_bad_members_named(ray_local, tin
 
 @pytest.mark.slow
 def test_webdataset_job_killed_and_rerun_processes_only_the_missing_rows(ray_local, tiny_llava, tmp_path):
-    _killed_and_rerun(tiny_llava, tmp_path, "webdataset", list(_shards(_local_put(tmp_path / "in"), 20, 2, bad=False)))
+    _killed_and_rerun(ray_local, tiny_llava, tmp_path, "webdataset", list(_shards(_local_put(tmp_path / "in"), 20, 2, bad=False)))
 
 
 @pytest.mark.parametrize("files, actors", [(1, "1"), (128, "1"), (129, "2"), (10_000, "32")])

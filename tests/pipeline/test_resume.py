@@ -20,7 +20,20 @@ from pipeline.job import run_job
 from pipeline.manifest import NAME
 from pipeline.progress import COLUMNS, Tally
 from pipeline.resume import PENDING, checkpoint_path
-from tests.conftest import ROOT, actor_ids, cli_here, grown, own_model_actor, read_output, reference, resized, settled, value, write_parquet
+from tests.conftest import (
+    ROOT,
+    actor_ids,
+    cli_here,
+    finished_copy,
+    grown,
+    own_model_actor,
+    read_output,
+    reference,
+    resized,
+    settled,
+    value,
+    write_parquet,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -61,9 +74,23 @@ def _kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
-def _start_job(path) -> subprocess.Popen:
+def _start_job(path, ray=None) -> subprocess.Popen:
+    """`llava-ray run` as a process: on a Ray of its own, or attached to the session's Ray (`ray`)
+    through RAY_ADDRESS, as a RayJob's entrypoint attaches to its cluster."""
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address} if ray else None
     return subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path)], cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_attached(proc: subprocess.Popen, ray) -> None:
+    """SIGKILL of a driver attached to the session's Ray, then wait until Ray has ended the dead
+    job's actors and tasks (every CPU free again): until then a write task of that job can still
+    commit a block, so what the run left is counted only after."""
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 120
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _wait_committed(cfg, proc, n: int) -> None:
@@ -137,8 +164,8 @@ def test_a_job_that_lost_its_lease_stops_and_every_row_is_written_once(ray_local
 
 def test_retry_failed_through_the_cli_reprocesses_only_failed_rows(ray_local, tiny_llava, tmp_path):
     """`--retry-failed fetch,engine` reruns only rows that failed with those kinds (the missing
-    images, now there; not the empty file's decode error); a bare `--retry-failed` reruns every
-    failed row; the others stay untouched."""
+    images, now there; not the empty file's decode error); the others stay untouched. A bare
+    `--retry-failed` (every kind): test_jsonl_output_equals_the_parquet_output_and_resumes."""
     late = [tmp_path / f"late{i}.jpg" for i in range(3)]
     rows = [{"id": i, "image_path": str(p), "prompt": f"Late row {i}, what is it?"} for i, p in enumerate(late)]
     for i in range(3, 9):
@@ -171,13 +198,6 @@ def test_retry_failed_through_the_cli_reprocesses_only_failed_rows(ray_local, ti
         assert (after[i]["text"], after[i]["prompt_tokens"], after[i]["error"]) == (ref.text, ref.prompt_tokens, None)
     assert all(after[i] == before[i] for i in range(3, 10))  # the others untouched, the decode error too
     assert after[9]["error_kind"] == "decode"
-
-    empty.write_bytes(resized("rocket", 90, 90))  # a bare --retry-failed: every kind
-    res = cli_here("run", str(tmp_path / "job.yaml"), "--retry-failed")
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.splitlines()[0] == "rows ok: 10  rows failed: 0  (total 10, processed this run 1)"
-    final = read_output(cfg.output.path)
-    assert final[9]["error"] is None and all(final[i] == after[i] for i in range(9))
 
 
 def test_model_actor_killed_mid_job_every_row_exactly_once(ray_local, tiny_llava, tmp_path):
@@ -221,12 +241,11 @@ def _assert_counts_equal_output(cfg, summary) -> Tally:
     return ran
 
 
-def test_counts_after_a_stop_mid_commit_equal_the_output(ray_local, metrics_url, tiny_llava, tmp_path):
+def test_counts_after_a_stop_mid_commit_equal_the_output(ray_local, metrics_url, tiny_llava, finished, tmp_path):
     """A stop after a block's data file is written but before Ray commits its checkpoint (two
     phases: `<prefix>.pending.parquet`, then renamed) leaves that file; the rerun's Ray deletes
     it and runs its rows again, so it is neither done before the rerun nor written by it."""
-    _, cfg = _config(tiny_llava, tmp_path, 12)  # 3 blocks of 4
-    run_job(cfg)
+    cfg = finished_copy(finished, tiny_llava, tmp_path)  # 6 rows, 3 blocks of 2
     committed = sorted(Path(checkpoint_path(cfg)).glob("*.parquet"))
     assert len(committed) == 3
     block = committed[0]  # that state, exactly: this block's commit undone
@@ -237,12 +256,12 @@ def test_counts_after_a_stop_mid_commit_equal_the_output(ray_local, metrics_url,
     before = settled(metrics_url)
     summary = run_job(cfg)
     assert not stale[0].exists()  # Ray deleted it
-    assert set(read_output(cfg.output.path)) == {f"r{i:03d}" for i in range(12)}
-    assert (summary.rows_total, summary.rows_processed) == (12, 4)
+    assert set(read_output(cfg.output.path)) == {f"r{i}" for i in range(6)}
+    assert (summary.rows_total, summary.rows_processed) == (6, 2)
     ran = _assert_counts_equal_output(cfg, summary)
     counts = {"ray_llava_ray_rows_total": ran.rows, "ray_llava_ray_generated_tokens_total": ran.generated_tokens}
     after = settled(metrics_url, grown(before, counts))
-    assert {name: value(after, name) - value(before, name) for name in counts} == counts and ran.rows == 4
+    assert {name: value(after, name) - value(before, name) for name in counts} == counts and ran.rows == 2
 
 
 def test_an_unreadable_output_file_at_start_is_one_line_naming_it(tiny_llava, tmp_path):
@@ -261,7 +280,8 @@ def test_an_unreadable_output_file_at_start_is_one_line_naming_it(tiny_llava, tm
 
 def test_jsonl_output_equals_the_parquet_output_and_resumes(ray_local, tiny_llava, tmp_path):
     """output.format: jsonl: committed per block like Parquet; read back it equals the Parquet
-    output of the same job; a rerun processes nothing; --retry-failed reruns only the failed row."""
+    output of the same job; a rerun processes nothing; a bare `--retry-failed` reruns every
+    failed row (here the decode error, which fails again) and leaves the others as they were."""
     from pipeline.storage import output_files, output_rows
 
     rows = [{"id": i, "image": resized(n, 40 + 8 * i, 56), "prompt": f"Row {i}?"} for i, n in enumerate(["coffee", "rocket", "chelsea"])]
@@ -272,11 +292,16 @@ def test_jsonl_output_equals_the_parquet_output_and_resumes(ray_local, tiny_llav
     columns = ["id", "text", "finish_reason", "prompt_tokens", "image_tokens", "completion_tokens", "model", "backend", "error", "error_kind"]
     outputs = {}
     for fmt in ("parquet", "jsonl"):
-        cfg = load_config(base | {"output": {"path": str(tmp_path / fmt), "format": fmt}})
+        data = base | {"output": {"path": str(tmp_path / fmt), "format": fmt}}
+        cfg = load_config(data)
         assert run_job(cfg).rows_ok == 3
         outputs[fmt] = sorted(output_rows(cfg.output.path, cfg.storage, columns).to_pylist(), key=lambda r: r["id"])
     assert outputs["jsonl"] == outputs["parquet"] and len(outputs["jsonl"]) == 4
     assert all(f.endswith(".json") for f in output_files(cfg.output.path, cfg.storage))
     assert run_job(cfg).rows_processed == 0
-    again = run_job(cfg, retry_failed=True)
-    assert (again.rows_processed, again.rows_total, again.rows_failed) == (1, 4, 1)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(data))  # the jsonl job's
+    res = cli_here("run", str(tmp_path / "job.yaml"), "--retry-failed")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0] == "rows ok: 3  rows failed: 1  (total 4, processed this run 1)"
+    again = sorted(output_rows(cfg.output.path, cfg.storage, columns).to_pylist(), key=lambda r: r["id"])
+    assert again[:3] == outputs["jsonl"][:3] and again[3]["error_kind"] == "decode"

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
 from pipeline.config import load_config
@@ -25,6 +26,7 @@ from tests.conftest import (
     resized,
     s3_fs,
     s3_storage,
+    small_job,
     write_parquet,
 )
 
@@ -221,17 +223,17 @@ def test_credentials_come_from_the_aws_environment_variables(tiny_llava, s3_endp
     check_writable(load_config(cfg))  # the start-up check writes and removes a probe there
 
 
-def test_hand_damaged_s3_output_and_checkpoint_are_reconciled(ray_local, tiny_llava, s3_endpoint, tmp_path):
-    """As on local disk (tests/pipeline/test_exactly_once.py), on S3: the output is the truth."""
-    rows = [{"id": f"r{i}", "image": resized("coffee", 100 + i, 120), "prompt": f"Row {i}?"} for i in range(6)]
-    cfg = load_config({
-        "model": {"name": tiny_llava}, "generation": {"max_new_tokens": 4},
-        "input": {"path": write_parquet(tmp_path / "in.parquet", rows)}, "output": {"path": f"s3://{BUCKET}/damaged/"},
-        "resources": {"rows_per_block": 2, "model_batch_size": 2}, "storage": _storage(s3_endpoint),
-    })
+def test_hand_damaged_s3_output_and_checkpoint_are_reconciled(ray_local, tiny_llava, finished, s3_endpoint, tmp_path):
+    """As on local disk (tests/pipeline/test_exactly_once.py), on S3: the output is the truth. It
+    starts from the session's finished 6-row job (conftest.finished), its output and checkpoint
+    put on S3 as that job would have written them there."""
     fs = _fs(s3_endpoint)
+    for name, key in (("out", "damaged"), ("out.checkpoint", "damaged.checkpoint")):
+        fs.put(f"{finished / name}/", f"{BUCKET}/{key}/", recursive=True)
+    path, _ = small_job(tiny_llava, tmp_path)  # the same input, written anew
+    cfg = load_config(yaml.safe_load(path.read_text()) | {"output": {"path": f"s3://{BUCKET}/damaged/"}, "storage": _storage(s3_endpoint)})
     out_rows = lambda: sum(pq.read_metadata(fs.open(f, "rb")).num_rows for f in fs.find(f"{BUCKET}/damaged") if f.endswith(".parquet"))  # noqa: E731
-    assert run_job(cfg).rows_ok == 6
+    assert out_rows() == 6 and run_job(cfg).rows_processed == 0  # finished: nothing to run
     fs.rm(f"{BUCKET}/damaged.checkpoint", recursive=True)  # checkpoint gone: nothing may run twice
     assert run_job(cfg).rows_processed == 0 and out_rows() == 6
     first = sorted(f for f in fs.find(f"{BUCKET}/damaged") if f.endswith(".parquet"))[0]
@@ -278,13 +280,14 @@ def test_two_runs_on_one_s3_output_one_proceeds(ray_local, tiny_llava, s3_endpoi
 
 
 def test_a_killed_s3_job_rerun_at_once_resumes(ray_local, tiny_llava, s3_endpoint, tmp_path):
-    """SIGKILL of the whole job tree once output exists on S3, then an immediate rerun (no wait
-    allowed): it takes over the dead holder's lease, runs only the missing rows, each once."""
+    """SIGKILL of the job's driver (attached to the session's Ray, as a RayJob's is) once output
+    exists on S3, then an immediate rerun (no wait allowed): it takes over the dead holder's
+    lease, runs only the missing rows, each once."""
     import time
 
     import yaml
 
-    from tests.pipeline.test_resume import _kill_tree, _start_job
+    from tests.pipeline.test_resume import _kill_attached, _start_job
 
     n = 48
     rows = [{"id": f"r{i}", "image": resized("coffee", 100 + i, 120), "prompt": f"Row {i}?"} for i in range(n)]
@@ -299,7 +302,7 @@ def test_a_killed_s3_job_rerun_at_once_resumes(ray_local, tiny_llava, s3_endpoin
         fs.invalidate_cache()  # the test's own s3fs keeps listings: see the job's writes as they land
         return [f for f in fs.find(f"{BUCKET}/killed") if f.endswith(".parquet")]
 
-    proc = _start_job(tmp_path / "job.yaml")
+    proc = _start_job(tmp_path / "job.yaml", ray_local)
     deadline = time.monotonic() + 240
     def committed() -> set:  # ids of blocks whose checkpoint is committed (a pending block runs again)
         fs.invalidate_cache()
@@ -310,8 +313,7 @@ def test_a_killed_s3_job_rerun_at_once_resumes(ray_local, tiny_llava, s3_endpoin
     while not committed() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, proc.stderr.read()[-3000:]
-    _kill_tree(proc.pid)
-    proc.wait()
+    _kill_attached(proc, ray_local)
     assert fs.exists(f"{BUCKET}/killed.lease")  # the dead run's lease is still there
     written = committed()
     assert 0 < len(written) < n, "the stop should land mid-job"
