@@ -11,7 +11,9 @@ The resume reconcile at the same scale: an output of N ids in blocks of 10,000 r
 writes them (a data file and its checkpoint file per block), one block's checkpoint deleted.
 (d) every output and checkpoint id read on the driver, as the reconcile did before it went
 block by block; (e) `resume.reconcile` with the default bound (one block's ids at a time on the
-driver, the repeat count on the cluster).
+driver, the repeat count on the cluster). (b) and (e) run again with Ray Data's own partition
+count for the aggregation (`*_200_partitions`: 200 whatever the size) against ours (one per
+`readers.IDS_PER_PARTITION` ids).
 
     python benchmarks/ids.py [--rows 10000000] [--out benchmarks/results/ids.json]
 """
@@ -45,6 +47,10 @@ def start_ray():
     return time.perf_counter() - t
 
 way = sys.argv[1]
+if way.endswith("_200_partitions"):  # Ray Data's default count: one id per partition, capped at its 200
+    import pipeline.readers
+    pipeline.readers.IDS_PER_PARTITION = 1
+    way = way.removesuffix("_200_partitions")
 base = hwm()
 """
 
@@ -61,7 +67,7 @@ ray_s = start_ray() if way == "cluster" else 0.0
 t = time.perf_counter()
 plan = check_ids_on_cluster(cfg, inspect_input(cfg, open_input(cfg)))
 seconds = time.perf_counter() - t
-print(json.dumps({"way": way, "seconds": round(seconds, 2), "ray_start_s": round(ray_s, 2), "rows": plan.rows,
+print(json.dumps({"way": sys.argv[1], "seconds": round(seconds, 2), "ray_start_s": round(ray_s, 2), "rows": plan.rows,
                   "dropped": plan.dropped_duplicates, "peak_rss_mib": round(hwm(), 1),
                   "growth_mib": round(hwm() - base, 1)}))
 """
@@ -84,7 +90,7 @@ else:
     note = reconcile(cfg, pa.string(), lambda files, rows: output_repeats(cfg, files, pa.string(), rows)).note
     rows = None
 seconds = time.perf_counter() - t
-print(json.dumps({"way": way, "seconds": round(seconds, 2), "ray_start_s": round(ray_s, 2), "rows": rows,
+print(json.dumps({"way": sys.argv[1], "seconds": round(seconds, 2), "ray_start_s": round(ray_s, 2), "rows": rows,
                   "note": note, "peak_rss_mib": round(hwm(), 1), "growth_mib": round(hwm() - base, 1)}))
 """
 
@@ -130,14 +136,14 @@ def main() -> None:
         data.mkdir()
         write_ids(data, args.rows)
         results = []
-        for way in ("driver", "cluster", "trust"):
+        for way in ("driver", "cluster", "cluster_200_partitions", "trust"):
             res = subprocess.run([sys.executable, "-c", _CHILD, way, str(data)], capture_output=True, text=True,
                                  env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
             if res.returncode:
                 sys.exit(res.stderr[-3000:])
             results.append(json.loads(res.stdout.strip().splitlines()[-1]))
         output = write_output(Path(tmp), args.rows)
-        for way in ("all_ids", "reconcile"):
+        for way in ("all_ids", "reconcile", "reconcile_200_partitions"):
             res = subprocess.run([sys.executable, "-c", _RECONCILE, way, str(output)], capture_output=True, text=True,
                                  env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
             if res.returncode:
