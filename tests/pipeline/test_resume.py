@@ -89,7 +89,8 @@ def _kill_attached(proc: subprocess.Popen, ray) -> None:
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 120
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+    while (held := ray.cluster_resources()["CPU"] - ray.available_resources().get("CPU", 0)) > 0:
+        assert time.monotonic() < deadline, f"Ray still holds {held} CPUs two minutes after the driver died"
         time.sleep(0.1)
 
 
