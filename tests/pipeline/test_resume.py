@@ -30,6 +30,7 @@ from tests.conftest import (
     read_output,
     reference,
     resized,
+    scrape,
     settled,
     value,
     write_parquet,
@@ -201,14 +202,17 @@ def test_retry_failed_through_the_cli_reprocesses_only_failed_rows(ray_local, ti
     assert after[9]["error_kind"] == "decode"
 
 
-def test_model_actor_killed_mid_job_every_row_exactly_once(ray_local, tiny_llava, tmp_path):
+def test_model_actor_killed_mid_job_every_row_exactly_once(ray_local, metrics_url, tiny_llava, tmp_path):
     _, cfg = _config(tiny_llava, tmp_path, 40)
-    killed, earlier = [], actor_ids(ray_local)
+    killed, earlier, ended = [], actor_ids(ray_local), threading.Event()
+    batches = lambda: value(scrape(metrics_url), "ray_llava_ray_stage_seconds_count", stage="generate")  # noqa: E731
+    start = batches()
 
     def kill_model_actor_once():
-        deadline = time.monotonic() + 180
-        while not killed and time.monotonic() < deadline:
-            if list(Path(cfg.output.path).glob("*.parquet")) and (actor := own_model_actor(ray_local, earlier)):
+        """Once the model has answered a batch (counted, or a block already written; the writes
+        can lag the model), with 9 of its 10 batches still to come."""
+        while not killed and not ended.is_set():
+            if (list(Path(cfg.output.path).glob("*.parquet")) or batches() > start) and (actor := own_model_actor(ray_local, earlier)):
                 os.kill(actor["pid"], signal.SIGKILL)  # a crash, as the OOM killer would do
                 killed.append(len(_committed_ids(cfg)))
                 return
@@ -216,8 +220,11 @@ def test_model_actor_killed_mid_job_every_row_exactly_once(ray_local, tiny_llava
 
     killer = threading.Thread(target=kill_model_actor_once)
     killer.start()
-    summary = run_job(cfg)
-    killer.join()
+    try:
+        summary = run_job(cfg)
+    finally:
+        ended.set()
+        killer.join()
     assert killed, "the model actor was never killed"
     assert killed[0] < 40, "the kill should land mid-job"
     out = read_output(cfg.output.path)
