@@ -12,6 +12,9 @@
              each stage's first batch ran
 Steady state: the rows after the first block over the time from the first commit to the last.
 Start-up: the job's wall minus N / steady rate. (a)/(b) at N is offline.py's; this splits its gap.
+CPU: every 0.1 s the job's driver reads the machine's busy time (/proc/stat) and the model actor's
+CPU seconds (psutil): the cores in use before the model actor is ready and after, and the share of
+a core the model actor got from its process's start to the end of its constructor.
 
     python benchmarks/startup.py [--rows 256] [--out benchmarks/results/startup.json]
 """
@@ -56,6 +59,8 @@ import json, os, sys, time
 SPANS = {"list_files": "task::ListFiles", "first_read": "task::ReadFiles", "cpu_actor_constructor": "PreprocessStage)).__init__",
          "model_actor_constructor": "GenerateStage)).__init__", "first_prepare": "PreprocessStage)).submit",
          "first_generate": "GenerateStage)).submit", "first_write": "task::Write"}
+import threading
+import psutil
 import ray
 from ray.data import DataContext
 from pipeline.checkpoint import leave_out_torch
@@ -71,9 +76,39 @@ DataContext.get_current().enable_progress_bars = False
 t0 = time.perf_counter()
 preflight(cfg)
 pre = time.perf_counter() - t0
+
+def busy_jiffies():  # /proc/stat's first line: user nice system idle iowait irq softirq steal
+    v = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
+    return sum(v) - v[3] - v[4], sum(v)
+
+samples, done = [], threading.Event()  # (s from run_job's start, busy jiffies, all jiffies, model actor CPU-s)
+found = {}  # model_created: when the model actor's process started, s from run_job's start
+def titled(p, part):
+    try:
+        return part in (p.cmdline() or [""])[0]
+    except psutil.Error:  # it exited while being looked at
+        return False
+
+def sample():
+    model = None
+    while not done.wait(0.1):
+        if model is None:
+            model = next((p for p in psutil.Process().children(recursive=True) if titled(p, "GenerateStage")), None)
+        try:
+            cpu = sum(model.cpu_times()[:2]) if model else None
+        except psutil.Error:
+            cpu = None
+        samples.append((time.time() - start_wall, *busy_jiffies(), cpu))
+        if model is not None and "model_created" not in found:
+            found["model_created"] = model.create_time() - start_wall
+
 start_wall, t0 = time.time(), time.perf_counter()
+sampler = threading.Thread(target=sample, daemon=True)
+sampler.start()
 summary = run_job(cfg)
 seconds = time.perf_counter() - t0
+done.set()
+sampler.join()
 out = cfg.output.path
 commits = sorted(os.path.getmtime(os.path.join(out, f)) - start_wall for f in os.listdir(out) if f.endswith(".parquet"))
 # Ray's own timeline: when each piece ran, from run_job's start (first span of each kind).
@@ -82,8 +117,16 @@ for e in sorted((e for e in ray.timeline() if e.get("ph") == "X"), key=lambda e:
     kind = next((k for k, part in SPANS.items() if part in e.get("cat", "")), None)
     if kind and kind not in spans:
         spans[kind] = [round(e["ts"] / 1e6 - start_wall, 2), round((e["ts"] + e["dur"]) / 1e6 - start_wall, 2)]
+ready = spans["model_actor_constructor"][1]
+def cores(t_from, t_to):  # the machine's cores in use, on average, between two times
+    inside = [x for x in samples if t_from <= x[0] <= t_to]
+    return round((inside[-1][1] - inside[0][1]) / (inside[-1][2] - inside[0][2]) * os.cpu_count(), 2)
+model_cpu = next(x[3] for x in samples if x[0] >= ready and x[3] is not None)
+cpu = {"cores_busy_before_model_ready": cores(0, ready), "cores_busy_after_model_ready": cores(ready, seconds),
+       "model_actor_process_start_s": round(found["model_created"], 2), "model_actor_cpu_s_when_ready": round(model_cpu, 2),
+       "model_actor_share_of_a_core_until_ready": round(model_cpu / (ready - found["model_created"]), 2)}
 print(json.dumps({"preflight_s": pre, "seconds": seconds, "rows": summary.rows_processed, "commits": commits,
-                  "rows_per_block": cfg.resources.rows_per_block, "spans": spans}))
+                  "rows_per_block": cfg.resources.rows_per_block, "spans": spans, "cpu": cpu}))
 """
 
 
@@ -124,6 +167,7 @@ def main() -> None:
         "job_s": round(job["seconds"], 2), "first_commit_s": round(first, 2), "last_commit_s": round(last, 2),
         "steady_rows_per_s": round(steady, 3), "startup_s": round(startup, 2),
         "spans_from_run_job_start": job["spans"],
+        "cpu": job["cpu"],
         "job_rate_over_steady": round(job["rows"] / job["seconds"] / steady, 3),
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
