@@ -20,6 +20,14 @@ def write_report(report: dict, out: str | Path, markdown: Callable[[dict], str])
     return report
 
 
+def cpu_jiffies() -> tuple[int, int]:
+    """The whole machine's busy and total clock ticks since boot, from /proc/stat's first line
+    (user nice system idle iowait irq softirq steal; guest time is already inside user)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+
 def rounds_args(doc: str, argv: list[str] | None, rounds: int, out: Path) -> tuple[argparse.Namespace, int]:
     """The command line of a benchmark measured in rounds (--rounds, --quick, --out), logging set
     up; returns the arguments and the rounds to run."""

@@ -62,6 +62,7 @@ SPANS = {"list_files": "task::ListFiles", "first_read": "task::ReadFiles", "cpu_
 import threading
 import psutil
 import ray
+from report import cpu_jiffies
 from ray.data import DataContext
 from pipeline.checkpoint import leave_out_torch
 from pipeline.cluster import local_cpus
@@ -76,10 +77,6 @@ DataContext.get_current().enable_progress_bars = False
 t0 = time.perf_counter()
 preflight(cfg)
 pre = time.perf_counter() - t0
-
-def busy_jiffies():  # /proc/stat's first line: user nice system idle iowait irq softirq steal
-    v = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
-    return sum(v) - v[3] - v[4], sum(v)
 
 samples, done = [], threading.Event()  # (s from run_job's start, busy jiffies, all jiffies, model actor CPU-s)
 found = {}  # model_created: when the model actor's process started, s from run_job's start
@@ -98,7 +95,7 @@ def sample():
             cpu = sum(model.cpu_times()[:2]) if model else None
         except psutil.Error:
             cpu = None
-        samples.append((time.time() - start_wall, *busy_jiffies(), cpu))
+        samples.append((time.time() - start_wall, *cpu_jiffies(), cpu))
         if model is not None and "model_created" not in found:
             found["model_created"] = model.create_time() - start_wall
 
@@ -132,7 +129,8 @@ print(json.dumps({"preflight_s": pre, "seconds": seconds, "rows": summary.rows_p
 
 def child(code: str, *args: str) -> dict:
     res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")]),
+                              "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
     if res.returncode:
         sys.exit(res.stderr[-3000:])
     return json.loads(res.stdout.strip().splitlines()[-1])
