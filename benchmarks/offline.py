@@ -238,12 +238,12 @@ def _job_main(results, cfg_data: dict) -> None:
     import ray
     from ray.data import DataContext
 
-    from pipeline.checkpoint import leave_out_torch
+    from pipeline.checkpoint import TORCH, leave_out
     from pipeline.cluster import local_cpus
     from pipeline.job import run_job
 
     cfg = Config.model_validate(cfg_data)
-    leave_out_torch(cfg.model)  # as `llava-ray run`'s process does (pipeline.cli._config)
+    leave_out(cfg.model, TORCH)  # as `llava-ray run`'s process does (pipeline.cli._config)
     cpus = local_cpus(cfg)
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     # Ray start-up ends when its pre-started workers are up, not when ray.init returns: a cluster

@@ -5,7 +5,8 @@
   imports    what an actor process imports before its constructor (the stages; torch and
              transformers in the model actor's)
   cpu actor  Checkpoint.load without torch + the Preprocessor, after those imports (its constructor)
-  model      Checkpoint.load + the engine's model load, after those imports (the model actor's)
+  model      Checkpoint.load without scipy + the engine's model load, after those imports (the model
+             actor's)
   job        run_job once Ray and its worker pool are up (as offline.py times it); each committed
              output file's mtime gives the first and the last block's commit; Ray's timeline
              (`ray.timeline()`) when the file listing, the first read, each actor's constructor and
@@ -34,23 +35,25 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 _PIECE = r"""
 import json, sys, time
+from pipeline.checkpoint import SCIPY, TORCH, Checkpoint, leave_out
+from pipeline.config import Config
+cfg = Config.model_validate_json(sys.argv[2])
 cpu = sys.argv[1] == "cpu"
+if not cpu:  # as the model actor does before transformers is imported (engines.model_checkpoint)
+    leave_out(cfg.model, SCIPY)
 t0 = time.perf_counter()
 if cpu:  # the CPU actor imports the stages; its constructor loads transformers without torch
     import pipeline.stages  # noqa: F401
 else:
     import torch, transformers, pipeline.stages  # noqa: F401
 imports = time.perf_counter() - t0
-from pipeline.checkpoint import Checkpoint
-from pipeline.config import Config
-cfg = Config.model_validate_json(sys.argv[2])
 t0 = time.perf_counter()
 if cpu:
     from pipeline.preprocess import Preprocessor
-    Preprocessor(cfg, Checkpoint.load(cfg.model, without_torch=True))
+    Preprocessor(cfg, Checkpoint.load(cfg.model, unused=TORCH))
 else:
-    from pipeline.engines import make_engine
-    make_engine(cfg, Checkpoint.load(cfg.model))
+    from pipeline.engines import make_engine, model_checkpoint
+    make_engine(cfg, model_checkpoint(cfg))
 print(json.dumps({"imports_s": imports, "load_s": time.perf_counter() - t0}))
 """
 
@@ -64,12 +67,12 @@ import psutil
 import ray
 from report import cpu_jiffies
 from ray.data import DataContext
-from pipeline.checkpoint import leave_out_torch
+from pipeline.checkpoint import TORCH, leave_out
 from pipeline.cluster import local_cpus
 from pipeline.config import Config
 from pipeline.job import preflight, run_job
 cfg = Config.model_validate_json(sys.argv[1])
-leave_out_torch(cfg.model)  # as `llava-ray run`'s process does (pipeline.cli._config)
+leave_out(cfg.model, TORCH)  # as `llava-ray run`'s process does (pipeline.cli._config)
 cpus = local_cpus(cfg)
 ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
 ray.get([ray.remote(lambda: None).remote() for _ in range(cpus)])

@@ -24,7 +24,7 @@ from PIL import Image
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import Config, GenerationConfig
-from pipeline.engines import make_engine
+from pipeline.engines import make_engine, model_checkpoint
 from pipeline.engines.base import AsyncEngine, poisons_device, release
 from pipeline.errors import EngineDead
 from pipeline.metrics import BATCH_SIZE, STREAMS_ABORTED, metric
@@ -94,7 +94,7 @@ class LlavaModelServer:
     """Holds the Engine; batch sizes are observable as the llava_ray_batch_size histogram."""
 
     def __init__(self, cfg: Config):
-        checkpoint = Checkpoint.load(cfg.model)
+        checkpoint = model_checkpoint(cfg)
         self.engine = make_engine(cfg, checkpoint)
         self._probe = probe_request(cfg, checkpoint)
         self._batcher = AdaptiveBatcher(self._generate_batch, cfg.serve.max_batch_size)

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.checkpoint import Checkpoint
+from pipeline.checkpoint import TORCH, Checkpoint
 from pipeline.config import Config
 from pipeline.errors import Overloaded
 from pipeline.metrics import REQUEST_SECONDS, REQUESTS, TIME_PER_OUTPUT_TOKEN, TIME_TO_FIRST_TOKEN, metric
@@ -154,7 +154,7 @@ class LlavaIngressServer:
         self.model = model
         self.served_name = cfg.served_name
         self.api_key_sha256 = api_key_sha256 or key_digest(cfg.serve.resolved_api_key())
-        self.preprocessor = Preprocessor(cfg, Checkpoint.load(cfg.model, without_torch=True), local_ok=False)
+        self.preprocessor = Preprocessor(cfg, Checkpoint.load(cfg.model, unused=TORCH), local_ok=False)
         self.admission_bound, self.in_flight = cfg.serve.admission_bound(), 0
         # Decoding blocks, and http(s) fetches block for up to fetch.timeout_s: both run off the
         # event loop, on two pools, so requests with inline (data:) images never queue behind

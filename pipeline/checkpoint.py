@@ -27,28 +27,34 @@ def resolve_model_name(name: str) -> str:
     return PRESETS.get(name, name)
 
 
-def leave_out_torch(model: ModelConfig) -> None:
-    """Mark torch absent in a process llava-ray owns that runs no model (a CPU actor, the
-    ingress replica, the CLI's own process: `pipeline.cli`), unless it has imported torch or
+TORCH = ("torch", "torchvision")  # never used by a process that only prepares requests
+SCIPY = ("scipy",)  # never used by a process that runs a LLaVA model with transformers
+
+
+def leave_out(model: ModelConfig, modules: tuple[str, ...]) -> None:
+    """Mark `modules` absent in a process llava-ray owns that never uses them (TORCH: a CPU
+    actor, the ingress replica, the CLI's own process: `pipeline.cli`; SCIPY: a model actor or
+    replica on transformers: `engines.model_checkpoint`), unless it has imported one of them or
     transformers already. A tiny checkpoint `model` names is built first (with torch).
 
-    transformers imports torch wherever it finds it, and with it torch._dynamo,
-    torch.distributed.tensor and scipy.optimize, though the processor's tokenizer, chat template
-    and PIL image processor use none of them: ~5.4 CPU-s and ~320 MB per process
-    (benchmarks/README.md, "Where start-up goes"). A module set to None in `sys.modules` is
+    transformers imports what it finds installed, used or not: with torch, torch._dynamo and
+    torch.distributed.tensor, though the processor's tokenizer, chat template and PIL image
+    processor use none of them (~5.4 CPU-s and ~320 MB a process); with scipy, scipy.optimize
+    for its object-detection losses as a model loads (~1.4 CPU-s of a model process's start):
+    benchmarks/README.md, "Where start-up goes". A module set to None in `sys.modules` is
     Python's own way to make an import fail, and `find_spec` then reports it missing, so
-    transformers takes its torch-free path. Never in a process that may want torch later (a
-    user's program calling `run_job`): there neither torch nor a transformers model could load."""
+    transformers takes the path without it. Never in a process that may want them later (a
+    user's program calling `run_job`)."""
     import logging
     import sys
 
     resolve_model_name(model.name)
-    if "torch" in sys.modules or "transformers" in sys.modules:
+    if any(name in sys.modules for name in (*modules, "transformers")):
         return
-    for name in ("torch", "torchvision"):
+    for name in modules:
         sys.modules[name] = None
-    # transformers' notice that models are unavailable: true here, and nothing a user must act on
-    logging.getLogger("transformers").addFilter(lambda record: not record.getMessage().startswith("PyTorch was not found"))
+    if "torch" in modules:  # transformers' notice that models are unavailable: true, and not the user's concern
+        logging.getLogger("transformers").addFilter(lambda record: not record.getMessage().startswith("PyTorch was not found"))
 
 
 def _family(model: ModelConfig, model_type: str) -> FamilySpec:
@@ -83,12 +89,13 @@ class Checkpoint:
     max_images: int  # images one prompt may hold: the layout's (llava-interleave: 8), else the family's
 
     @classmethod
-    def load(cls, model: ModelConfig, *, without_torch: bool = False) -> "Checkpoint":
+    def load(cls, model: ModelConfig, *, unused: tuple[str, ...] = ()) -> "Checkpoint":
         """Read config.json and the processor files (no weights). A path or id that is not a
         loadable LLaVA checkpoint is a ConfigError naming model.name, before any work starts.
-        `without_torch`: for a process that only prepares requests (`leave_out_torch`)."""
-        if without_torch:
-            leave_out_torch(model)
+        `unused`: modules this process never uses, left out before transformers is imported
+        (`leave_out`)."""
+        if unused:
+            leave_out(model, unused)
         from transformers import AutoConfig, AutoProcessor
 
         path = resolve_model_name(model.name)

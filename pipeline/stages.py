@@ -18,9 +18,9 @@ import pyarrow.compute as pc
 
 from pydantic import ValidationError
 
-from .checkpoint import Checkpoint
+from .checkpoint import TORCH, Checkpoint
 from .config import Config
-from .engines import engine_class, make_engine
+from .engines import engine_class, make_engine, model_checkpoint
 from .engines.base import is_async, release
 from .errors import EngineDead, InputError, PromptTooLong, RowError, describe_validation_error
 from .metrics import IMAGES, STAGE_SECONDS, metric
@@ -121,7 +121,7 @@ class PreprocessStage:
 
             self.cfg.storage = self.cfg.storage.model_copy(update=ray.get(storage_secrets))
         cpus = max(1, int(self.cfg.resources.preprocess_cpus))
-        self.pre = Preprocessor(self.cfg, Checkpoint.load(self.cfg.model, without_torch=True), threads=cpus)
+        self.pre = Preprocessor(self.cfg, Checkpoint.load(self.cfg.model, unused=TORCH), threads=cpus)
         self.pool = ThreadPoolExecutor(max(self.cfg.fetch.concurrency, cpus), thread_name_prefix="prepare")
 
     def _outcome(self, row: dict[str, Any] | str, work: Callable[[Record], Any]) -> tuple[Any, RowError | None]:
@@ -240,7 +240,7 @@ class GenerateStage:
 
     def __init__(self, config: dict):
         self.cfg = Config.model_validate(config)
-        self.engine = make_engine(self.cfg, Checkpoint.load(self.cfg.model))
+        self.engine = make_engine(self.cfg, model_checkpoint(self.cfg))
 
     def __del__(self):
         """Ray Data drops the actor's UDF on a graceful stop: the engine goes with it (vLLM's

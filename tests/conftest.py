@@ -73,7 +73,7 @@ def cli(*args, cwd=ROOT, timeout=240, env=None):
 def in_a_fresh_process(code: str, *args: str) -> tuple[list[str], list[str]]:
     """`code` run by a new Python from the repository with `args` as sys.argv[1:]: the lines it
     printed, and the torch, torchvision and scipy modules it had imported by its end (for the
-    processes that leave torch out: pipeline.checkpoint.leave_out_torch)."""
+    processes that leave them out: pipeline.checkpoint.leave_out)."""
     report = ('\nimport json as _json, sys as _sys\nprint(_json.dumps(sorted(m for m in _sys.modules if m.split(".")[0] '
               'in ("torch", "torchvision", "scipy") and _sys.modules[m] is not None)))\n')
     res = subprocess.run([sys.executable, "-c", code + report, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import SCIPY, Checkpoint
 from ..config import Config
 from .base import AsyncEngine, Engine
 
@@ -17,6 +17,13 @@ def engine_class(cfg: Config) -> type:
     from .hf import HFEngine
 
     return HFEngine
+
+
+def model_checkpoint(cfg: Config) -> Checkpoint:
+    """The checkpoint, opened by a process of ours that runs the model (a model actor, a model
+    replica): on transformers, scipy is left out first (`checkpoint.leave_out`). vLLM keeps what
+    it finds."""
+    return Checkpoint.load(cfg.model, unused=() if cfg.backend == "vllm" else SCIPY)
 
 
 def make_engine(cfg: Config, checkpoint: Checkpoint) -> Engine | AsyncEngine:

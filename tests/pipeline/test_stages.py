@@ -147,15 +147,15 @@ def test_drop_repeated_ids_keeps_each_ids_first_row_across_batches():
     assert first.schema == pa.schema([("id", pa.int32()), ("row", pa.string())])
 
 
-# A CPU actor's process: the stage built and called there as Ray Data does, its output written back.
+# An actor's process: the stage (argv[4]) built and called there as Ray Data does, its output written back.
 _STAGE = """
 import json, sys
 import pyarrow as pa
-from pipeline.stages import PreprocessStage
+import pipeline.stages
 cfg, src, dst = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 with pa.memory_map(src) as f:
     batch = pa.ipc.open_file(f).read_all()
-out = PreprocessStage(cfg)(batch)
+out = getattr(pipeline.stages, sys.argv[4])(cfg)(batch)
 with pa.OSFile(dst, "wb") as f, pa.ipc.new_file(f, out.schema) as w:
     w.write_table(out)
 """
@@ -177,13 +177,42 @@ def test_a_cpu_actor_prepares_without_torch_exactly_what_it_prepares_with_it(req
     batch = pa.table({"id": list(range(4)), "image": images, "prompt": [f"Row {i}: what is this?" for i in range(4)]})
     with pa.OSFile(str(tmp_path / "in.arrow"), "wb") as f, pa.ipc.new_file(f, batch.schema) as w:
         w.write_table(batch)
-    _, loaded = in_a_fresh_process(_STAGE, json.dumps(cfg), str(tmp_path / "in.arrow"), str(tmp_path / "out.arrow"))
+    _, loaded = in_a_fresh_process(_STAGE, json.dumps(cfg), str(tmp_path / "in.arrow"), str(tmp_path / "out.arrow"),
+                                   "PreprocessStage")
     assert loaded == []  # torch, torchvision and scipy never imported
     with pa.memory_map(str(tmp_path / "out.arrow")) as f:
         there = pa.ipc.open_file(f).read_all()
     here = PreprocessStage(cfg)(batch)
     assert there.equals(here)
     assert here.column("error").null_count == 3 and here.column("error_kind")[3].as_py() == "decode"
+
+
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_llava_next"])
+def test_a_model_actor_answers_without_scipy_exactly_what_it_answers_with_it(request, tmp_path, family):
+    """A model actor's process on transformers never imports scipy (transformers would import
+    scipy.optimize for its object-detection losses), and its result rows equal those of the same
+    stage in this process, where scipy is loaded."""
+    import json
+    import sys
+
+    from pipeline.stages import GenerateStage, PreprocessStage
+    from tests.conftest import in_a_fresh_process
+
+    cfg = {"model": {"name": request.getfixturevalue(family)}, "generation": {"max_new_tokens": 8},
+           "input": {"path": "unused"}}
+    images = [resized("astronaut", 480, 640), resized("coffee", 300, 900), b"not an image"]
+    prepared = PreprocessStage(cfg)(pa.table({"id": [0, 1, 2], "image": images, "prompt": ["What is this?"] * 3}))
+    with pa.OSFile(str(tmp_path / "in.arrow"), "wb") as f, pa.ipc.new_file(f, prepared.schema) as w:
+        w.write_table(prepared)
+    _, loaded = in_a_fresh_process(_STAGE, json.dumps(cfg), str(tmp_path / "in.arrow"), str(tmp_path / "out.arrow"),
+                                   "GenerateStage")
+    assert "torch" in loaded and not [m for m in loaded if m.split(".")[0] == "scipy"]
+    with pa.memory_map(str(tmp_path / "out.arrow")) as f:
+        there = pa.ipc.open_file(f).read_all()
+    here = GenerateStage(cfg)(prepared)
+    assert "scipy.optimize" in sys.modules  # here transformers took it, as it does wherever scipy is installed
+    assert there.equals(here)
+    assert here.column("error").null_count == 2 and all(here.column("text").to_pylist()[:2])
 
 
 def test_anyres_tiles_per_image_are_transformers_count(tiny_llava_next):
