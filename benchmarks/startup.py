@@ -6,7 +6,8 @@
              transformers in the model actor's)
   cpu actor  Checkpoint.load without torch + the Preprocessor, after those imports (its constructor)
   model      Checkpoint.load without scipy + the engine's model load, after those imports (the model
-             actor's)
+             actor's), and its whole process's CPU seconds; beside it the same with scipy kept (as
+             before model processes left it out, and as a script pays): the median of 3 interleaved
   job        run_job once Ray and its worker pool are up (as offline.py times it); each committed
              output file's mtime gives the first and the last block's commit; Ray's timeline
              (`ray.timeline()`) when the file listing, the first read, each actor's constructor and
@@ -25,36 +26,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+MODEL_ROUNDS = 3  # the model piece, with scipy left out and kept: the median of each
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 _PIECE = r"""
-import json, sys, time
+import json, resource, sys, time
 from pipeline.checkpoint import SCIPY, TORCH, Checkpoint, leave_out
 from pipeline.config import Config
-cfg = Config.model_validate_json(sys.argv[2])
-cpu = sys.argv[1] == "cpu"
-if not cpu:  # as the model actor does before transformers is imported (engines.model_checkpoint)
+piece, cfg = sys.argv[1], Config.model_validate_json(sys.argv[2])
+if piece == "model":  # as the model actor does before transformers is imported (engines.model_checkpoint)
     leave_out(cfg.model, SCIPY)
 t0 = time.perf_counter()
-if cpu:  # the CPU actor imports the stages; its constructor loads transformers without torch
+if piece == "cpu":  # the CPU actor imports the stages; its constructor loads transformers without torch
     import pipeline.stages  # noqa: F401
 else:
     import torch, transformers, pipeline.stages  # noqa: F401
 imports = time.perf_counter() - t0
 t0 = time.perf_counter()
-if cpu:
+if piece == "cpu":
     from pipeline.preprocess import Preprocessor
     Preprocessor(cfg, Checkpoint.load(cfg.model, unused=TORCH))
-else:
-    from pipeline.engines import make_engine, model_checkpoint
-    make_engine(cfg, model_checkpoint(cfg))
-print(json.dumps({"imports_s": imports, "load_s": time.perf_counter() - t0}))
+else:  # model_with_scipy: the same load where scipy was not left out (before that change; a script's)
+    from pipeline.engines import make_engine
+    make_engine(cfg, Checkpoint.load(cfg.model, unused=SCIPY if piece == "model" else ()))
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"imports_s": imports, "load_s": time.perf_counter() - t0, "cpu_s": usage.ru_utime + usage.ru_stime,
+                  "scipy": sys.modules.get("scipy") is not None}))
 """
 
 _JOB = r"""
@@ -154,7 +158,14 @@ def main() -> None:
         data = offline.write_input(work / "in", 1, args.rows, offline.encoded_images())
         cfg = offline.job_config(llava, data, work / "out", offline.NEW_TOKENS)
         load = os.getloadavg()[0]
-        cpu, model = child(_PIECE, "cpu", cfg.model_dump_json()), child(_PIECE, "model", cfg.model_dump_json())
+        cpu = child(_PIECE, "cpu", cfg.model_dump_json())
+        models = {"model": [], "model_with_scipy": []}
+        for _ in range(MODEL_ROUNDS):  # interleaved: the host's speed moves between runs
+            for piece, runs in models.items():
+                runs.append(child(_PIECE, piece, cfg.model_dump_json()))
+        assert not any(r["scipy"] for r in models["model"]) and all(r["scipy"] for r in models["model_with_scipy"])
+        model = {k: statistics.median(r[k] for r in models["model"]) for k in ("imports_s", "load_s", "cpu_s")}
+        with_scipy = {k: statistics.median(r[k] for r in models["model_with_scipy"]) for k in ("load_s", "cpu_s")}
         job = child(_JOB, cfg.model_dump_json())
     first, last = job["commits"][0], job["commits"][-1]
     block = job["rows_per_block"]
@@ -165,6 +176,8 @@ def main() -> None:
         "preflight_s": round(job["preflight_s"], 2),
         "cpu_actor_imports_s": round(cpu["imports_s"], 2), "cpu_actor_load_s": round(cpu["load_s"], 2),
         "model_actor_imports_s": round(model["imports_s"], 2), "model_load_s": round(model["load_s"], 2),
+        "model_actor_cpu_s": round(model["cpu_s"], 2),
+        "model_load_with_scipy_s": round(with_scipy["load_s"], 2), "model_actor_cpu_with_scipy_s": round(with_scipy["cpu_s"], 2),
         "job_s": round(job["seconds"], 2), "first_commit_s": round(first, 2), "last_commit_s": round(last, 2),
         "steady_rows_per_s": round(steady, 3), "startup_s": round(startup, 2),
         "spans_from_run_job_start": job["spans"],
