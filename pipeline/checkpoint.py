@@ -40,7 +40,7 @@ def leave_out(model: ModelConfig, modules: tuple[str, ...]) -> None:
     transformers imports what it finds installed, used or not: with torch, torch._dynamo and
     torch.distributed.tensor, though the processor's tokenizer, chat template and PIL image
     processor use none of them (~5.4 CPU-s and ~320 MB a process); with scipy, scipy.optimize
-    for its object-detection losses as a model loads (~1.4 CPU-s of a model process's start):
+    for its object-detection losses as a model loads (0.9-1.5 CPU-s of a model process's start):
     benchmarks/README.md, "Where start-up goes". A module set to None in `sys.modules` is
     Python's own way to make an import fail, and `find_spec` then reports it missing, so
     transformers takes the path without it. Never in a process that may want them later (a
