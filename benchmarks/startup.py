@@ -53,9 +53,9 @@ t0 = time.perf_counter()
 if piece == "cpu":
     from pipeline.preprocess import Preprocessor
     Preprocessor(cfg, Checkpoint.load(cfg.model, unused=TORCH))
-else:  # model_with_scipy: the same load where scipy was not left out (before that change; a script's)
+else:  # scipy already left out for "model"; kept for "model_with_scipy" (before that change; a script's)
     from pipeline.engines import make_engine
-    make_engine(cfg, Checkpoint.load(cfg.model, unused=SCIPY if piece == "model" else ()))
+    make_engine(cfg, Checkpoint.load(cfg.model))
 usage = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"imports_s": imports, "load_s": time.perf_counter() - t0, "cpu_s": usage.ru_utime + usage.ru_stime,
                   "scipy": sys.modules.get("scipy") is not None}))

@@ -161,27 +161,33 @@ with pa.OSFile(dst, "wb") as f, pa.ipc.new_file(f, out.schema) as w:
 """
 
 
+def _in_an_actors_process(stage: str, cfg: dict, batch: pa.Table, tmp_path) -> tuple[pa.Table, list[str]]:
+    """`stage` (a class of pipeline.stages) on `batch` in a fresh process: its output, and the
+    torch, torchvision and scipy modules that process imported (`in_a_fresh_process`)."""
+    import json
+
+    from tests.conftest import in_a_fresh_process
+
+    with pa.OSFile(str(tmp_path / "in.arrow"), "wb") as f, pa.ipc.new_file(f, batch.schema) as w:
+        w.write_table(batch)
+    _, loaded = in_a_fresh_process(_STAGE, json.dumps(cfg), str(tmp_path / "in.arrow"), str(tmp_path / "out.arrow"), stage)
+    with pa.memory_map(str(tmp_path / "out.arrow")) as f:
+        return pa.ipc.open_file(f).read_all(), loaded
+
+
 @pytest.mark.parametrize("family,exact", [("tiny_llava", False), ("tiny_llava_next", False), ("tiny_llava_next", True)])
 def test_a_cpu_actor_prepares_without_torch_exactly_what_it_prepares_with_it(request, tmp_path, family, exact):
     """A CPU actor's process never imports torch (the checkpoint's processor needs none), and its
     prepared rows -- token ids, tiles, counts, errors -- equal those of the same stage in this
     process, where torch is loaded. `exact`: the checkpoint's own image processor makes the tiles."""
-    import json
-
     from pipeline.stages import PreprocessStage
-    from tests.conftest import in_a_fresh_process
 
     cfg = {"model": {"name": request.getfixturevalue(family)}, "input": {"path": "unused"},
            "preprocess": {"exact": exact}}
     images = [resized("astronaut", 480, 640), resized("coffee", 300, 900), resized("rocket", 1024, 768), b"not an image"]
     batch = pa.table({"id": list(range(4)), "image": images, "prompt": [f"Row {i}: what is this?" for i in range(4)]})
-    with pa.OSFile(str(tmp_path / "in.arrow"), "wb") as f, pa.ipc.new_file(f, batch.schema) as w:
-        w.write_table(batch)
-    _, loaded = in_a_fresh_process(_STAGE, json.dumps(cfg), str(tmp_path / "in.arrow"), str(tmp_path / "out.arrow"),
-                                   "PreprocessStage")
+    there, loaded = _in_an_actors_process("PreprocessStage", cfg, batch, tmp_path)
     assert loaded == []  # torch, torchvision and scipy never imported
-    with pa.memory_map(str(tmp_path / "out.arrow")) as f:
-        there = pa.ipc.open_file(f).read_all()
     here = PreprocessStage(cfg)(batch)
     assert there.equals(here)
     assert here.column("error").null_count == 3 and here.column("error_kind")[3].as_py() == "decode"
@@ -192,22 +198,15 @@ def test_a_model_actor_answers_without_scipy_exactly_what_it_answers_with_it(tin
     scipy.optimize for its object-detection losses), and its result rows equal those of the same
     stage in this process, where scipy is loaded. (Every job's model actor runs without scipy too,
     and the job tests compare its answers with transformers' here: this test pins the process.)"""
-    import json
     import sys
 
     from pipeline.stages import GenerateStage, PreprocessStage
-    from tests.conftest import in_a_fresh_process
 
     cfg = {"model": {"name": tiny_llava_next}, "generation": {"max_new_tokens": 8}, "input": {"path": "unused"}}
     images = [resized("astronaut", 480, 640), resized("coffee", 300, 900), b"not an image"]
     prepared = PreprocessStage(cfg)(pa.table({"id": [0, 1, 2], "image": images, "prompt": ["What is this?"] * 3}))
-    with pa.OSFile(str(tmp_path / "in.arrow"), "wb") as f, pa.ipc.new_file(f, prepared.schema) as w:
-        w.write_table(prepared)
-    _, loaded = in_a_fresh_process(_STAGE, json.dumps(cfg), str(tmp_path / "in.arrow"), str(tmp_path / "out.arrow"),
-                                   "GenerateStage")
+    there, loaded = _in_an_actors_process("GenerateStage", cfg, prepared, tmp_path)
     assert "torch" in loaded and not [m for m in loaded if m.split(".")[0] == "scipy"]
-    with pa.memory_map(str(tmp_path / "out.arrow")) as f:
-        there = pa.ipc.open_file(f).read_all()
     here = GenerateStage(cfg)(prepared)
     assert "scipy.optimize" in sys.modules  # here transformers took it, as it does wherever scipy is installed
     assert there.equals(here)
