@@ -77,9 +77,28 @@ def _kill_tree(pid: int) -> None:
 def _start_job(path, ray=None) -> subprocess.Popen:
     """`llava-ray run` as a process: on a Ray of its own, or attached to the session's Ray (`ray`)
     through RAY_ADDRESS, as a RayJob's entrypoint attaches to its cluster."""
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address} if ray else None
+    env = None
+    if ray:
+        _expire_killed_drivers_reservations(ray)
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     return subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path)], cwd=ROOT, start_new_session=True,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _expire_killed_drivers_reservations(ray) -> None:
+    """Drop what an earlier test's killed driver left in Ray Data's autoscaling coordinator (one
+    detached actor per Ray), as its expiry would. A driver that dies without shutting its
+    executor down keeps its resource reservation for RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S
+    (180 s), and the coordinator splits the cluster between it and the next job: on this small Ray
+    the next job's writes then wait for its model stage to finish, so nothing is committed mid-job.
+    A user's rerun at once meets that too (the rerun in each killed-and-rerun test still does);
+    a job that must commit as it goes starts after its expiry, here at once. Only while no other
+    Ray Data job runs on this Ray."""
+    from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+
+    coordinator = get_or_create_autoscaling_coordinator()
+    for requester in ray.get(coordinator.__ray_call__.remote(lambda self: list(self._ongoing_reqs))):
+        ray.get(coordinator.cancel_request.remote(requester))
 
 
 def _kill_attached(proc: subprocess.Popen, ray) -> None:
@@ -94,10 +113,61 @@ def _kill_attached(proc: subprocess.Popen, ray) -> None:
         time.sleep(0.1)
 
 
-def _wait_committed(cfg, proc, n: int) -> None:
+def raylet_pid(node=None) -> int:
+    """The raylet of a Ray node (a `ray._private.node.Node`; by default this session's): every
+    worker of the node is a process under it."""
+    if node is None:
+        import ray
+
+        node = ray._private.worker.global_worker.node
+    return node.all_processes["raylet"][0].process.pid
+
+
+def model_actors(root: int) -> dict[int, str]:
+    """{pid: process title} of the model actors under process `root`. Ray titles an actor's
+    process `ray::<its repr>[.<the method it runs>]`, and Ray Data's repr names the stage:
+    `ray::MapWorker(MapBatches(GenerateStage)).submit` while it answers a batch."""
+    import psutil
+
+    try:
+        children = psutil.Process(root).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return {}
+    found = {}
+    for p in children:
+        try:
+            title = p.cmdline()[0]
+        except (psutil.Error, IndexError):
+            continue
+        if "(GenerateStage))" in title:
+            found[p.pid] = title
+    return found
+
+
+SLICE_S = 0.02  # how long the paused model actor runs between two counts of the committed rows
+
+
+def hold_mid_job(proc, root: int, committed, n: int, skip=frozenset()) -> int:
+    """Hold a job mid-way whatever the host's speed, and return its model actor's pid, paused
+    (SIGSTOP). The actor (under process `root`, not one of `skip`: an earlier job's) is paused
+    as soon as it answers its first batch (the title of a loading actor, or of one not yet loading,
+    does not tell the two apart), then runs in slices of SLICE_S until `committed()` counts `n`
+    rows. It answers only inside a slice, a small share of the job, so rows remain that no process
+    has answered: a stop now (a kill, a lost node) lands mid-job. Waiting for `n` committed rows
+    alone did not: on a fast host the tiny model answered the rest before the stop landed."""
     deadline = time.monotonic() + 240
-    while len(_committed_ids(cfg)) < n and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    while not (pid := next((p for p, t in model_actors(root).items() if p not in skip and t.endswith(".submit")), None)):
+        assert proc.poll() is None, f"the job exited {proc.returncode} before its model actor answered a batch"
+        assert time.monotonic() < deadline, "no model actor answering two minutes after the job started"
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGSTOP)
+    while committed() < n:
+        assert proc.poll() is None and time.monotonic() < deadline, f"{committed()} rows committed, not {n}"
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(SLICE_S)
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.2)  # what the slice answered is written meanwhile
+    return pid
 
 
 def test_a_killed_job_rerun_at_once_resumes_where_it_stopped(ray_local, tiny_llava, tmp_path, caplog):
@@ -105,7 +175,7 @@ def test_a_killed_job_rerun_at_once_resumes_where_it_stopped(ray_local, tiny_lla
     names a dead process on this machine, so the rerun takes it over without waiting."""
     path, cfg = _config(tiny_llava, tmp_path, 48)
     proc = _start_job(path)
-    _wait_committed(cfg, proc, 8)
+    hold_mid_job(proc, proc.pid, lambda: len(_committed_ids(cfg)), 8)
     _kill_tree(proc.pid)  # the driver and the whole Ray it started, at once, like a lost pod
     proc.wait()
     done = _committed_ids(cfg)
@@ -135,7 +205,7 @@ def test_a_job_that_lost_its_lease_stops_and_every_row_is_written_once(ray_local
 
     path, cfg = _config(tiny_llava, tmp_path, 48)
     proc = _start_job(path)
-    _wait_committed(cfg, proc, 8)
+    hold_mid_job(proc, proc.pid, lambda: len(_committed_ids(cfg)), 8)
     tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     for p in tree:
         p.send_signal(signal.SIGSTOP)

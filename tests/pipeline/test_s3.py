@@ -283,11 +283,9 @@ def test_a_killed_s3_job_rerun_at_once_resumes(ray_local, tiny_llava, s3_endpoin
     """SIGKILL of the job's driver (attached to the session's Ray, as a RayJob's is) once output
     exists on S3, then an immediate rerun (no wait allowed): it takes over the dead holder's
     lease, runs only the missing rows, each once."""
-    import time
-
     import yaml
 
-    from tests.pipeline.test_resume import _kill_attached, _start_job
+    from tests.pipeline.test_resume import _kill_attached, _start_job, hold_mid_job, model_actors, raylet_pid
 
     n = 48
     rows = [{"id": f"r{i}", "image": resized("coffee", 100 + i, 120), "prompt": f"Row {i}?"} for i in range(n)]
@@ -302,17 +300,16 @@ def test_a_killed_s3_job_rerun_at_once_resumes(ray_local, tiny_llava, s3_endpoin
         fs.invalidate_cache()  # the test's own s3fs keeps listings: see the job's writes as they land
         return [f for f in fs.find(f"{BUCKET}/killed") if f.endswith(".parquet")]
 
-    proc = _start_job(tmp_path / "job.yaml", ray_local)
-    deadline = time.monotonic() + 240
     def committed() -> set:  # ids of blocks whose checkpoint is committed (a pending block runs again)
         fs.invalidate_cache()
         found = fs.find(f"{BUCKET}/killed.checkpoint") if fs.exists(f"{BUCKET}/killed.checkpoint") else []
         files = [f for f in found if f.endswith(".parquet") and not f.endswith(".pending.parquet")]
         return {i for f in files for i in pq.read_table(fs.open(f, "rb")).column("id").to_pylist()}
 
-    while not committed() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    root = raylet_pid()
+    earlier = set(model_actors(root))
+    proc = _start_job(tmp_path / "job.yaml", ray_local)
+    hold_mid_job(proc, root, lambda: len(committed()), 1, earlier)
     _kill_attached(proc, ray_local)
     assert fs.exists(f"{BUCKET}/killed.lease")  # the dead run's lease is still there
     written = committed()
