@@ -13,7 +13,7 @@ import yaml
 
 from pipeline.config import load_config
 from tests.conftest import ROOT, free_port, read_output
-from tests.pipeline.test_resume import _committed_ids, _config, hold_mid_job, model_actors, raylet_pid
+from tests.pipeline.test_resume import _committed_ids, _config, hold_mid_job, raylet_pid
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -77,10 +77,7 @@ def test_driver_killed_mid_job_and_rerun_at_once_on_the_same_cluster(cluster, ti
     takes the dead driver's lease without waiting (lease_wait_s 0), processes only the missing
     rows, and every row is in the output once."""
     path, cfg = _job(tiny_llava, tmp_path, 40)
-    root = raylet_pid(cluster.model)
-    earlier = set(model_actors(root))
-    proc = _driver(cluster, path)
-    hold_mid_job(proc, root, lambda: len(_committed_ids(cfg)), 8, earlier)
+    proc, _ = hold_mid_job(lambda: _driver(cluster, path), lambda: len(_committed_ids(cfg)), 8, raylet_pid(cluster.model))
     os.kill(proc.pid, signal.SIGKILL)  # the driver only: the cluster lives on (and ends its actors)
     proc.wait()
     done = _committed_ids(cfg)
@@ -100,10 +97,7 @@ def test_a_worker_node_lost_mid_job_and_a_fresh_one_added_every_row_once(cluster
     earlier = {a for actors in _actor_nodes(cluster).values() for a in actors}  # the module's other jobs
     path, cfg = _job(tiny_llava, tmp_path, 40)
     lost = cluster.model
-    root = raylet_pid(lost)
-    pids = set(model_actors(root))
-    proc = _driver(cluster, path)
-    paused = hold_mid_job(proc, root, lambda: len(_committed_ids(cfg)), 8, pids)
+    proc, paused = hold_mid_job(lambda: _driver(cluster, path), lambda: len(_committed_ids(cfg)), 8, raylet_pid(lost))
     assert len(_committed_ids(cfg)) < 40, "the node should go mid-job"
     before = _actor_nodes(cluster, earlier)
     assert set(before["GenerateStage"].values()) == {lost.node_id}  # where the model actors run until the loss

@@ -205,7 +205,7 @@ def _killed_and_rerun(ray, tiny_llava, tmp_path, fmt: str, ids: list[str]) -> No
     only the rows the first run did not commit are processed."""
     import yaml
 
-    from tests.pipeline.test_resume import _committed_ids, _kill_attached, _start_job, hold_mid_job, model_actors, raylet_pid
+    from tests.pipeline.test_resume import _committed_ids, _kill_attached, _start_job, hold_mid_job, raylet_pid
 
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump({
@@ -214,10 +214,7 @@ def _killed_and_rerun(ray, tiny_llava, tmp_path, fmt: str, ids: list[str]) -> No
         "output": {"path": str(tmp_path / "out"), "lease_expiry_s": 5, "lease_wait_s": 0},
         "resources": {"rows_per_block": 4, "model_batch_size": 4, "preprocess_batch_size": 4}}))
     cfg = load_config(path)
-    root = raylet_pid()
-    earlier = set(model_actors(root))
-    proc = _start_job(path, ray)
-    hold_mid_job(proc, root, lambda: len(_committed_ids(cfg)), 8, earlier)
+    proc, _ = hold_mid_job(lambda: _start_job(path, ray), lambda: len(_committed_ids(cfg)), 8, raylet_pid())
     _kill_attached(proc, ray)
     done = _committed_ids(cfg)
     assert 8 <= len(done) < len(ids), "the stop should land mid-job"

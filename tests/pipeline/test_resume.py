@@ -1,5 +1,6 @@
 """Resume after a stop, --retry-failed, and a model actor killed mid-job: exactly once, always."""
 
+import contextlib
 import json
 import os
 import signal
@@ -76,24 +77,24 @@ def _kill_tree(pid: int) -> None:
 
 def _start_job(path, ray=None) -> subprocess.Popen:
     """`llava-ray run` as a process: on a Ray of its own, or attached to the session's Ray (`ray`)
-    through RAY_ADDRESS, as a RayJob's entrypoint attaches to its cluster."""
+    through RAY_ADDRESS, as a RayJob's entrypoint attaches to its cluster. An attached job starts
+    after the requests earlier killed drivers left there are dropped (`_drop_ray_data_requests`)."""
     env = None
     if ray:
-        _expire_killed_drivers_reservations(ray)
+        _drop_ray_data_requests(ray)
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     return subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path)], cwd=ROOT, start_new_session=True,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def _expire_killed_drivers_reservations(ray) -> None:
-    """Drop what an earlier test's killed driver left in Ray Data's autoscaling coordinator (one
-    detached actor per Ray), as its expiry would. A driver that dies without shutting its
-    executor down keeps its resource reservation for RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S
-    (180 s), and the coordinator splits the cluster between it and the next job: on this small Ray
-    the next job's writes then wait for its model stage to finish, so nothing is committed mid-job.
-    A user's rerun at once meets that too (the rerun in each killed-and-rerun test still does);
-    a job that must commit as it goes starts after its expiry, here at once. Only while no other
-    Ray Data job runs on this Ray."""
+def _drop_ray_data_requests(ray) -> None:
+    """Cancel every request held by Ray Data's autoscaling coordinator (one detached actor per
+    Ray). Called while no job runs on the session's Ray, those are killed drivers' requests, and
+    this does what their expiry would. A driver that dies without shutting its executor down keeps
+    its request for RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S (180 s), and the coordinator splits
+    the Ray between it and the next job: on this small Ray the next job's writes then wait for its
+    model stage to finish, so nothing is committed mid-job. A user's rerun at once meets that too,
+    and the rerun in each killed-and-rerun test still does."""
     from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
 
     coordinator = get_or_create_autoscaling_coordinator()
@@ -126,7 +127,8 @@ def raylet_pid(node=None) -> int:
 def model_actors(root: int) -> dict[int, str]:
     """{pid: process title} of the model actors under process `root`. Ray titles an actor's
     process `ray::<its repr>[.<the method it runs>]`, and Ray Data's repr names the stage:
-    `ray::MapWorker(MapBatches(GenerateStage)).submit` while it answers a batch."""
+    `ray::MapWorker(MapBatches(GenerateStage)).__init__` while it loads, `.submit` while it
+    answers a batch, and bare both before it loads (a reused idle worker) and between batches."""
     import psutil
 
     try:
@@ -144,38 +146,60 @@ def model_actors(root: int) -> dict[int, str]:
     return found
 
 
-SLICE_S = 0.02  # how long the paused model actor runs between two counts of the committed rows
-
-
-def hold_mid_job(proc, root: int, committed, n: int, skip=frozenset()) -> int:
-    """Hold a job mid-way whatever the host's speed, and return its model actor's pid, paused
-    (SIGSTOP). The actor (under process `root`, not one of `skip`: an earlier job's) is paused
-    as soon as it answers its first batch (the title of a loading actor, or of one not yet loading,
-    does not tell the two apart), then runs in slices of SLICE_S until `committed()` counts `n`
-    rows. It answers only inside a slice, a small share of the job, so rows remain that no process
-    has answered: a stop now (a kill, a lost node) lands mid-job. Waiting for `n` committed rows
-    alone did not: on a fast host the tiny model answered the rest before the stop landed."""
-    deadline = time.monotonic() + 240
-    while not (pid := next((p for p, t in model_actors(root).items() if p not in skip and t.endswith(".submit")), None)):
-        assert proc.poll() is None, f"the job exited {proc.returncode} before its model actor answered a batch"
-        assert time.monotonic() < deadline, "no model actor answering two minutes after the job started"
+def _loaded_model_actor(proc, root: int, skip: set[int]) -> int:
+    """The pid of the model actor under `root` (not one of `skip`) once it has loaded: seen
+    answering a batch, or seen loading and now bare."""
+    deadline, loading = time.monotonic() + 240, set()
+    while True:
+        for pid, title in model_actors(root).items():
+            if pid in skip:
+                continue
+            if title.endswith(".submit") or (pid in loading and not title.endswith(".__init__")):
+                return pid
+            if title.endswith(".__init__"):
+                loading.add(pid)
+        if proc.poll() is not None:
+            raise AssertionError(f"the job exited {proc.returncode} before its model actor loaded: {proc.stderr.read()[-2000:]}")
+        assert time.monotonic() < deadline, "no model actor loaded four minutes after the job started"
         time.sleep(0.01)
+
+
+SLICE_S = 0.02  # how long the paused model actor runs at a time
+WRITE_WAIT_S = 0.2  # after a slice, before the committed rows are counted (a slow write: more slices)
+
+
+def hold_mid_job(start, committed, n: int, root: int | None = None) -> tuple[subprocess.Popen, int]:
+    """Start a job (`start()`) and hold it mid-way whatever the host's speed; returns the job's
+    process and its model actor's pid, paused (SIGSTOP). The actor (under process `root`, by
+    default the job's own tree) is paused as soon as it has loaded, then runs in slices of SLICE_S
+    until `committed()` counts `n` rows. It answers rows only inside a slice, a small share of
+    the job, so rows remain that no process has answered: a stop now (a kill, a lost node, a lost
+    lease) lands mid-job. Waiting for `n` committed rows alone did not: on a fast host the tiny
+    model answered every other row before the kill landed."""
+    skip = set(model_actors(root)) if root else set()  # an earlier job's
+    proc = start()
+    pid = _loaded_model_actor(proc, root or proc.pid, skip)
     os.kill(pid, signal.SIGSTOP)
-    while committed() < n:
-        assert proc.poll() is None and time.monotonic() < deadline, f"{committed()} rows committed, not {n}"
-        os.kill(pid, signal.SIGCONT)
-        time.sleep(SLICE_S)
-        os.kill(pid, signal.SIGSTOP)
-        time.sleep(0.2)  # what the slice answered is written meanwhile
-    return pid
+    try:
+        deadline = time.monotonic() + 240
+        while committed() < n:
+            assert proc.poll() is None and time.monotonic() < deadline, f"{committed()} rows committed, not {n}"
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(SLICE_S)
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(WRITE_WAIT_S)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):  # a failed hold leaves the job to finish, not a stopped process
+            os.kill(pid, signal.SIGCONT)
+        raise
+    return proc, pid
 
 
 def test_a_killed_job_rerun_at_once_resumes_where_it_stopped(ray_local, tiny_llava, tmp_path, caplog):
     """SIGKILL of the whole job tree (an OOM kill, a lost pod), then an immediate rerun: its lease
     names a dead process on this machine, so the rerun takes it over without waiting."""
     path, cfg = _config(tiny_llava, tmp_path, 48)
-    proc = _start_job(path)
-    hold_mid_job(proc, proc.pid, lambda: len(_committed_ids(cfg)), 8)
+    proc, _ = hold_mid_job(lambda: _start_job(path), lambda: len(_committed_ids(cfg)), 8)
     _kill_tree(proc.pid)  # the driver and the whole Ray it started, at once, like a lost pod
     proc.wait()
     done = _committed_ids(cfg)
@@ -204,8 +228,7 @@ def test_a_job_that_lost_its_lease_stops_and_every_row_is_written_once(ray_local
     import psutil
 
     path, cfg = _config(tiny_llava, tmp_path, 48)
-    proc = _start_job(path)
-    hold_mid_job(proc, proc.pid, lambda: len(_committed_ids(cfg)), 8)
+    proc, _ = hold_mid_job(lambda: _start_job(path), lambda: len(_committed_ids(cfg)), 8)
     tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     for p in tree:
         p.send_signal(signal.SIGSTOP)

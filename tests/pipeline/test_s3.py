@@ -285,7 +285,7 @@ def test_a_killed_s3_job_rerun_at_once_resumes(ray_local, tiny_llava, s3_endpoin
     lease, runs only the missing rows, each once."""
     import yaml
 
-    from tests.pipeline.test_resume import _kill_attached, _start_job, hold_mid_job, model_actors, raylet_pid
+    from tests.pipeline.test_resume import _kill_attached, _start_job, hold_mid_job, raylet_pid
 
     n = 48
     rows = [{"id": f"r{i}", "image": resized("coffee", 100 + i, 120), "prompt": f"Row {i}?"} for i in range(n)]
@@ -306,10 +306,7 @@ def test_a_killed_s3_job_rerun_at_once_resumes(ray_local, tiny_llava, s3_endpoin
         files = [f for f in found if f.endswith(".parquet") and not f.endswith(".pending.parquet")]
         return {i for f in files for i in pq.read_table(fs.open(f, "rb")).column("id").to_pylist()}
 
-    root = raylet_pid()
-    earlier = set(model_actors(root))
-    proc = _start_job(tmp_path / "job.yaml", ray_local)
-    hold_mid_job(proc, root, lambda: len(committed()), 1, earlier)
+    proc, _ = hold_mid_job(lambda: _start_job(tmp_path / "job.yaml", ray_local), lambda: len(committed()), 1, raylet_pid())
     _kill_attached(proc, ray_local)
     assert fs.exists(f"{BUCKET}/killed.lease")  # the dead run's lease is still there
     written = committed()
