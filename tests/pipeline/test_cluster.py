@@ -3,6 +3,7 @@ machine), as KubeRay runs it: a head with 0 CPUs, worker nodes, and the driver a
 RAY_ADDRESS like a RayJob's entrypoint. Each pool is pinned to a node group by a custom resource
 (`resources.preprocess_resources` / `model_resources`)."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -102,10 +103,8 @@ def test_a_worker_node_lost_mid_job_and_a_fresh_one_added_every_row_once(cluster
     before = _actor_nodes(cluster, earlier)
     assert set(before["GenerateStage"].values()) == {lost.node_id}  # where the model actors run until the loss
     cluster.remove_node(lost, allow_graceful=False)
-    try:
-        os.kill(paused, signal.SIGCONT)  # if it outlived its raylet, it sees the raylet gone and exits
-    except ProcessLookupError:
-        pass
+    with contextlib.suppress(ProcessLookupError):  # if it outlived its raylet, it sees the raylet gone and exits
+        os.kill(paused, signal.SIGCONT)
     cluster.model = cluster.add_node(num_cpus=2, resources=MODEL)
     _finish(proc)
     out = read_output(cfg.output.path)
